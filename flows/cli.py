@@ -1,0 +1,183 @@
+"""`lorapipe`: the whole pipeline (`run`, `demo`) or one stage at a time (`lorapipe dedup WORKSPACE`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import flows  # noqa: F401  (sets the environment before prefect is imported)
+from lorapipe.config import PipelineConfig, deep_merge, load_config
+from lorapipe.fsutil import read_json
+from lorapipe.workspace import Workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+STAGE_INPUT = {"validate": "collect", "dedup": "validate", "crop": "dedup", "caption": "crop", "review": "caption",
+               "train": "review"}
+
+
+def _overrides(**flags) -> dict:
+    """Flags into the nested config shape; unset flags (None) leave the YAML or defaults alone."""
+    out: dict = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
+    if config_file:
+        return load_config(config_file, **overrides)
+    return PipelineConfig.model_validate(overrides)
+
+
+@app.command()
+def run(
+    images: Optional[Path] = typer.Option(None, help="Folder of photos of the person"),
+    name: Optional[str] = typer.Option(None, help="The person's real name: the trigger in every caption"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the settings"),
+    workspace: Optional[Path] = typer.Option(None, help="Where outputs go (default workspaces/<name>)"),
+    base_model: Optional[str] = typer.Option(None, help="SDXL hub id, diffusers folder or .safetensors file"),
+    vae: Optional[str] = typer.Option(None, help="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix"),
+    captioner: Optional[str] = typer.Option(None, help="LLaVA hub id or folder"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8)"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 12)"),
+    learning_rate: Optional[float] = typer.Option(None, help="UNet learning rate (default 4e-4)"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default 4)"),
+    effective_batch_size: Optional[int] = typer.Option(None, help="Images per optimizer step (default 64)"),
+) -> None:
+    """Run the whole pipeline: photos in, a LoRA out."""
+    overrides = _overrides(
+        images=str(images) if images else None, name=name, workspace=str(workspace) if workspace else None,
+        train__base_model=base_model, train__vae=vae, caption__model=captioner, train__rank=rank,
+        train__epochs=epochs, train__learning_rate=learning_rate, train__micro_batch_size=micro_batch_size,
+        train__effective_batch_size=effective_batch_size,
+    )
+    _run(_config(config, overrides))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo photos and workspace")) -> None:
+    """The offline demo: tiny models and drawn photos, the whole pipeline on the CPU."""
+    from flows.demo import prepare_demo
+
+    _run(prepare_demo(out))
+
+
+def _run(config: PipelineConfig) -> None:
+    from flows.pipeline import pipeline
+    from flows.summary import print_summary
+
+    result = pipeline(config)
+    print_summary(result)
+
+
+def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Workspace, PipelineConfig]:
+    ws = Workspace.at(workspace)
+    saved = read_json(ws.root / "config.json") if (ws.root / "config.json").exists() else {}
+    if config_file:
+        import yaml
+
+        saved = deep_merge(saved, yaml.safe_load(config_file.read_text()) or {})
+    saved.setdefault("workspace", str(ws.root))
+    try:
+        return ws, PipelineConfig.model_validate(saved)
+    except ValueError as err:
+        raise typer.BadParameter(f"{workspace}: no usable config.json (run `lorapipe run` first, or pass --config): {err}")
+
+
+def _input_manifest(ws: Workspace, stage: str) -> str:
+    path = ws.latest_manifest(STAGE_INPUT[stage])
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
+    return str(path)
+
+
+def _print(result: dict) -> None:
+    typer.echo(json.dumps({k: v for k, v in result.items() if k not in {"losses"}}, indent=2, default=str))
+
+
+@app.command()
+def collect(
+    workspace: Path, images: Path = typer.Option(..., help="Folder of photos"),
+    config: Optional[Path] = typer.Option(None, "--config"),
+) -> None:
+    """Copy photos into WORKSPACE/raw and write the first manifest."""
+    from tasks.collect import run_collect
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_collect(str(images.resolve()), str(ws.root), cfg.dataset.collect))
+
+
+@app.command()
+def validate(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Decode every collected file; reject unreadable and too-small images with the reason."""
+    from tasks.validate import run_validate
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_validate(_input_manifest(ws, "validate"), str(ws.root), cfg.dataset.validate_))
+
+
+@app.command()
+def dedup(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Drop exact and near duplicates (perceptual hash), keeping the best of each cluster."""
+    from tasks.dedup import run_dedup
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_dedup(_input_manifest(ws, "dedup"), str(ws.root), cfg.dataset.dedup))
+
+
+@app.command()
+def crop(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Crop kept images to their SDXL buckets into WORKSPACE/images."""
+    from tasks.crop import run_crop
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_crop(_input_manifest(ws, "crop"), str(ws.root), cfg.dataset.crop))
+
+
+@app.command()
+def caption(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Caption the cropped images with the configured VLM."""
+    from tasks.caption import run_caption
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_caption(_input_manifest(ws, "caption"), str(ws.root), cfg.caption, cfg.name, cfg.train.base_model))
+
+
+@app.command()
+def review(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Apply the caption rules; write .txt sidecars for approved captions."""
+    from tasks.review import run_review
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_review(_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.base_model))
+
+
+@app.command()
+def train(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
+    """Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl)."""
+    from tasks.train import run_train
+
+    ws, cfg = _workspace_config(workspace, config)
+    _print(run_train(_input_manifest(ws, "train"), str(ws.root), cfg.train))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The table a run ends with: what went in, what was kept and why not, what came out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lorapipe.manifest import read_manifest, rejection_counts
+
+
+def summary_rows(result: dict) -> list[tuple[str, str]]:
+    records = read_manifest(result["manifest"])
+    kept = [r for r in records if r.kept]
+    reasons = rejection_counts(records)
+    rejected = ", ".join(f"{kind} {n}" for kind, n in sorted(reasons.items())) or "none"
+    approved = sum(1 for r in kept if r.review == "approved")
+    pending = sum(1 for r in kept if r.review == "pending")
+    lora = Path(result["lora"])
+    stages = result["stages"]
+    return [
+        ("images in", str(len(records))),
+        ("kept", str(len(kept))),
+        ("rejected", f"{len(records) - len(kept)} ({rejected})"),
+        ("captions", f"{sum(1 for r in kept if r.caption)} ({approved} approved, {pending} waiting for review)"),
+        ("optimizer steps", str(result["steps"])),
+        ("final loss", f"{result['final_loss']:.4f}"),
+        ("LoRA file", f"{lora.name}: {result['lora_bytes'] / 1e3:.1f} kB"),
+        ("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"),
+        ("stages re-used from cache", f"{sum(s['cached'] for s in stages.values())} of {len(stages)}"),
+    ]
+
+
+def print_summary(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"lorapipe: {result['name']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+
+    records = read_manifest(result["manifest"])
+    rejected = [r for r in records if not r.kept]
+    if rejected:
+        reasons = Table(title="rejected files", show_header=True)
+        reasons.add_column("file")
+        reasons.add_column("reason")
+        for r in rejected:
+            reasons.add_row(Path(r.source).name, r.reason)
+        console.print(reasons)
+    flagged = [r for r in records if r.kept and r.review == "pending"]
+    if flagged:
+        review = Table(title="captions waiting for review", show_header=True)
+        review.add_column("file")
+        review.add_column("caption")
+        review.add_column("why")
+        for r in flagged:
+            review.add_row(Path(r.source).name, r.caption or "", "; ".join(r.review_reasons))
+        console.print(review)
+    console.print(f"samples (top: base model, bottom: with the LoRA): {result['samples']}")
+    console.print(f"LoRA: [bold]{result['lora_latest']}[/bold]")

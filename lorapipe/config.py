@@ -1,0 +1,151 @@
+"""Configuration: pydantic models that reject unknown keys.
+
+The same models are the Prefect flow parameters (the UI renders them as forms) and what the CLI reads
+from YAML (`lorapipe run --config job.yaml`). Defaults encode the recipe in README.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorapipe.workspace import slugify
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
+
+DEFAULT_CAPTION_PROMPT = (
+    "Describe this photo in one sentence for an image generator. Say what the person wears, their pose and "
+    "expression, the setting, the lighting and the framing. Do not describe their face, hair color, age or "
+    "ethnicity, and do not start with 'The image shows'."
+)
+
+# Tokens people copy from old DreamBooth guides; the recipe uses the person's real name instead.
+DEFAULT_PLACEHOLDER_TOKENS = ["ohwx", "sks", "zwx", "xyz person", "[name]", "<name>", "{name}", "<person>"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CollectConfig(Strict):
+    recursive: bool = Field(True, description="Look for images in subfolders too")
+
+
+class ValidateConfig(Strict):
+    min_side: int = Field(768, ge=1, description="Reject images whose shorter side is below this many pixels")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Reject larger images (Pillow's decompression-bomb limit) instead of decoding"
+    )
+
+
+class DedupConfig(Strict):
+    phash_threshold: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="Near duplicates: perceptual hashes at most this many bits apart (resize/recompress moves 0-4)",
+    )
+
+
+class CropConfig(Strict):
+    resolution: int = Field(1024, ge=64, description="Training area is resolution² pixels (SDXL: 1024)")
+    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this")
+
+
+class DatasetConfig(Strict):
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    crop: CropConfig = Field(default_factory=CropConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CaptionConfig(Strict):
+    backend: Literal["llava"] = Field("llava", description="Captioner backend (transformers, in process)")
+    model: str = Field(LLAVA_15_7B, description="Hub id or local folder of a LLaVA-family model")
+    revision: str | None = Field(None, description="Pin a hub revision (commit or tag)")
+    prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="What the VLM is asked")
+    max_new_tokens: int = Field(60, ge=1, le=512, description="Longest answer generated")
+    batch_size: int = Field(8, ge=1, description="Images per generate() call")
+    class_word: str | None = Field(None, description="Optional class word after the name, e.g. 'woman'")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the captioner runs")
+
+
+class ReviewConfig(Strict):
+    max_tokens: int = Field(75, ge=1, description="Longest caption in CLIP tokens (SDXL reads 75)")
+    min_words: int = Field(3, ge=1, description="Shorter captions are flagged")
+    placeholder_tokens: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PLACEHOLDER_TOKENS), description="Made-up trigger tokens to flag"
+    )
+
+
+class TrainConfig(Strict):
+    base_model: str = Field(SDXL_BASE, description="Hub id or local diffusers folder of an SDXL base model")
+    revision: str | None = Field(None, description="Pin a hub revision")
+    vae: str | None = Field(None, description="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix")
+    rank: int = Field(8, ge=1, description="LoRA rank (8 is enough for a person)")
+    alpha: float = Field(
+        1.0, gt=0, description="LoRA alpha; scale = alpha/rank. 1.0 as in kohya and OneTrainer, where 4e-4 was tuned"
+    )
+    learning_rate: float = Field(4e-4, gt=0, description="UNet learning rate")
+    optimizer: Literal["lion", "lion8bit"] = Field("lion", description="bitsandbytes Lion (32-bit or 8-bit states)")
+    weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay (Lion)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    effective_batch_size: int = Field(64, ge=1, description="Images per optimizer step, by gradient accumulation")
+    micro_batch_size: int = Field(4, ge=1, description="Images per forward pass (as many as fit in memory)")
+    epochs: int = Field(12, ge=1)
+    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch")
+    mixed_precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 on GPU; the CPU always uses fp32")
+    gradient_checkpointing: bool = False
+    noise_offset: float = Field(0.0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateConfig(Strict):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of {name}, smiling, outdoors", "a portrait of {name} in a studio"],
+        description="Sample prompts; {name} becomes the person's name",
+    )
+    seed: int = 1234
+    steps: int = Field(25, ge=1, description="Sampling steps")
+    guidance_scale: float = 5.0
+
+
+class PipelineConfig(Strict):
+    name: str = Field(description="The person's real name: the trigger in every caption")
+    images: str = Field(description="Folder of photos")
+    workspace: str | None = Field(None, description="Where outputs go (default: workspaces/<name>)")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace) if self.workspace else Path("workspaces") / slugify(self.name)
+
+
+def load_config(path: str | Path, **overrides) -> PipelineConfig:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return PipelineConfig.model_validate(deep_merge(data, overrides))
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

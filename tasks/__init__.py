@@ -1,0 +1,1 @@
+"""Pipeline stages: each module holds the stage's plain functions and, beside them, its Prefect task."""

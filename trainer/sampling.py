@@ -1,0 +1,66 @@
+"""Samples: the same prompts and seeds rendered without and with the LoRA, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lorapipe.devices import resolve_device
+from trainer.models import is_single_file
+
+
+def load_pipeline(base_model: str, revision: str | None = None, vae: str | None = None, device: str = "auto"):
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    device = resolve_device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kwargs = {"torch_dtype": dtype}
+    if vae:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+    if is_single_file(base_model):
+        pipe = StableDiffusionXLPipeline.from_single_file(base_model, **kwargs)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, revision=revision, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def render(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, size: tuple[int, int]):
+    images = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        images += pipe(
+            prompt, num_inference_steps=steps, guidance_scale=guidance_scale, width=size[0], height=size[1],
+            generator=generator,
+        ).images
+    return images
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            sheet.paste(img, (x * w, y * h))
+    return sheet
+
+
+def mean_abs_difference(a: list[Image.Image], b: list[Image.Image]) -> float:
+    """Mean absolute pixel difference (0-255) between two sets of renders."""
+    return float(np.mean([np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean() for x, y in zip(a, b)]))
+
+
+def compare_with_and_without(
+    base_model: str, lora_file: str | Path, prompts: list[str], seed: int, steps: int, guidance_scale: float,
+    size: tuple[int, int], revision: str | None = None, vae: str | None = None, device: str = "auto",
+):
+    """Render the prompts with the base model, load the LoRA, render again: (before, after)."""
+    pipe = load_pipeline(base_model, revision, vae, device)
+    before = render(pipe, prompts, seed, steps, guidance_scale, size)
+    lora_file = Path(lora_file)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    after = render(pipe, prompts, seed, steps, guidance_scale, size)
+    return before, after
