@@ -11,7 +11,7 @@ import typer
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.config import PipelineConfig, deep_merge, load_config
-from lorapipe.fsutil import read_json
+from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -90,9 +90,12 @@ def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Wor
         saved = deep_merge(saved, yaml.safe_load(config_file.read_text()) or {})
     saved.setdefault("workspace", str(ws.root))
     try:
-        return ws, PipelineConfig.model_validate(saved)
+        config = PipelineConfig.model_validate(saved)
     except ValueError as err:
         raise typer.BadParameter(f"{workspace}: no usable config.json (run `lorapipe run` first, or pass --config): {err}")
+    if config_file:  # later stage commands on this workspace need no --config
+        atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
+    return ws, config
 
 
 def _input_manifest(ws: Workspace, stage: str) -> str:
@@ -165,11 +168,16 @@ def review(workspace: Path, config: Optional[Path] = typer.Option(None, "--confi
 
 @app.command()
 def train(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl)."""
+    """Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl) and export it to loras/."""
+    from tasks.export import run_export
     from tasks.train import run_train
 
     ws, cfg = _workspace_config(workspace, config)
-    _print(run_train(_input_manifest(ws, "train"), str(ws.root), cfg.train))
+    manifest = _input_manifest(ws, "train")
+    trained = run_train(manifest, str(ws.root), cfg.train)
+    exported = run_export(trained["lora_file"], manifest, str(ws.root), cfg.name, trained,
+                          cfg.train.model_dump(mode="json"))
+    _print({**trained, "exported": exported["lora"], "latest": exported["latest"]})
 
 
 def main() -> None:

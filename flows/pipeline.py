@@ -25,8 +25,12 @@ from tasks.validate import validate_task
 
 
 def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
-    stages[name] = {"cached": cached, "stats": result.get("stats", {})}
-    get_run_logger().info("%s: %s %s", name, "re-used cached result" if cached else "ran", result.get("stats", ""))
+    stats = result.get("stats") or result.get("cache") or {}
+    stages[name] = {"cached": cached, "stats": stats}
+    if cached:
+        get_run_logger().info("%s: unchanged input, re-used the cached result", name)
+    else:
+        get_run_logger().info("%s: ran %s", name, stats)
     return result
 
 

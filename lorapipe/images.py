@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 NEUTRAL_BACKGROUND = (128, 128, 128)
 
 
@@ -39,8 +39,8 @@ def open_image(path: str | Path, max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_
         raise ImageRejected(f"too_large: {err}") from err
     except UnidentifiedImageError:
         raise ImageRejected("unsupported: not an image in an allowed format (" + ", ".join(ALLOWED_FORMATS) + ")")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageRejected(f"corrupt: {err}") from err
+    except Exception as err:  # decoders fail in many ways on broken files (OSError, struct.error, ...)
+        raise ImageRejected(f"corrupt: {err or type(err).__name__}") from err
     fmt = img.format
     img = ImageOps.exif_transpose(img)
     img.format = fmt

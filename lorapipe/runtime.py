@@ -13,6 +13,8 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # Stage functions log to "lorapipe.*"; this makes those lines part of the Prefect run logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "lorapipe",
+    # ...and the same functions run outside any flow (CLI stage commands, tests): no warning there.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -53,6 +53,7 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     preflight: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # latents / text embeddings computed vs re-used
 
 
 def group_into_steps(schedule: list[list[int]], effective_batch_size: int) -> list[list[list[int]]]:
@@ -103,8 +104,8 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     parts = load_sdxl(config.base_model, config.revision, config.vae)
     identity = model_identity(config.base_model, config.revision, config.vae)
     parts.vae.to(device, dtype=weight_dtype)
-    latents = cache_latents(examples, parts.vae, TensorCache(Path(cache_dir) / "latents"), identity, device,
-                            weight_dtype)
+    latent_cache = TensorCache(Path(cache_dir) / "latents")
+    latents = cache_latents(examples, parts.vae, latent_cache, identity, device, weight_dtype)
     scaling_factor = parts.vae.config.scaling_factor
     encoders = [parts.text_encoder.to(device, weight_dtype), parts.text_encoder_2.to(device, weight_dtype)]
     text_cache = TensorCache(Path(cache_dir) / "text")
@@ -206,6 +207,10 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
         seconds=round(time.monotonic() - started, 2),
         skipped_steps=skipped,
         preflight=info,
+        cache={
+            "latents": {"computed": latent_cache.computed, "reused": latent_cache.reused},
+            "text_embeddings": {"computed": text_cache.computed, "reused": text_cache.reused},
+        },
     )
     atomic_write_json(run_dir / "train_result.json", asdict(result))
     return result

@@ -17,9 +17,9 @@ def load_pipeline(base_model: str, revision: str | None = None, vae: str | None 
 
     device = resolve_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
     if is_single_file(base_model):
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, **kwargs)
     else:

@@ -1,0 +1,56 @@
+"""The command line: every stage runs alone on a workspace, without an orchestrator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from lorapipe.manifest import read_manifest
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("run", "demo", "collect", "validate", "dedup", "crop", "caption", "review", "train"):
+        assert command in out.stdout
+
+
+def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
+    photos, _ = demo_photos
+    ws = tmp_path / "ws"
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"name: Jane Doe\nimages: {photos}\ndataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
+        f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
+        f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  device: cpu\n"
+    )
+    result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
+    assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output
+
+    result = runner.invoke(app, ["collect", str(ws), "--images", str(photos), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    for argv in (["validate", str(ws)], ["dedup", str(ws)], ["crop", str(ws)], ["caption", str(ws)],
+                 ["review", str(ws)]):  # the workspace remembers the config given to collect
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, (argv, result.output)
+    summary = json.loads(result.stdout)
+    assert summary["stats"] == {"approved": 10, "pending": 0}
+    records = read_manifest(ws / "manifests" / "review.jsonl")
+    assert sum(r.review == "approved" for r in records) == 10
+
+    # A stage reads the latest manifest of the stage before it: rerunning dedup is a no-op.
+    before = (ws / "manifests" / "dedup.jsonl").read_bytes()
+    assert runner.invoke(app, ["dedup", str(ws)]).exit_code == 0
+    assert (ws / "manifests" / "dedup.jsonl").read_bytes() == before
+
+    result = runner.invoke(app, ["train", str(ws)])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
+    shutil.rmtree(ws)
