@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.config import PipelineConfig, deep_merge, load_config
@@ -35,9 +36,13 @@ def _overrides(**flags) -> dict:
 
 
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
-    if config_file:
-        return load_config(config_file, **overrides)
-    return PipelineConfig.model_validate(overrides)
+    try:
+        if config_file:
+            return load_config(config_file, **overrides)
+        return PipelineConfig.model_validate(overrides)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise typer.BadParameter(f"{config_file or 'flags'}: {problems} (see `lorapipe run --help`)")
 
 
 @app.command()

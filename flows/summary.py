@@ -10,6 +10,14 @@ from rich.table import Table
 from lorapipe.manifest import read_manifest, rejection_counts
 
 
+def human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     records = read_manifest(result["manifest"])
     kept = [r for r in records if r.kept]
@@ -26,7 +34,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("captions", f"{sum(1 for r in kept if r.caption)} ({approved} approved, {pending} waiting for review)"),
         ("optimizer steps", str(result["steps"])),
         ("final loss", f"{result['final_loss']:.4f}"),
-        ("LoRA file", f"{lora.name}: {result['lora_bytes'] / 1e3:.1f} kB"),
+        ("LoRA file", f"{lora.name}: {human_size(result['lora_bytes'])}"),
         ("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"),
         ("stages re-used from cache", f"{sum(s['cached'] for s in stages.values())} of {len(stages)}"),
     ]

@@ -323,4 +323,4 @@ def teach_to_caption(model, processor, seed: int = 0, steps: int = 300, batch_si
         optimizer.step()
         optimizer.zero_grad()
     tokenizer.padding_side = "left"
-    return float(loss)
+    return float(loss.detach())

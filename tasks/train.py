@@ -32,6 +32,11 @@ def training_examples(records: list[ImageRecord], ws: Workspace) -> list[Example
     waiting = sum(1 for r in records if r.kept and r.review == "pending")
     if waiting:
         log.warning("%d images wait for caption review and are left out of this run", waiting)
+    if not examples:
+        raise ValueError(
+            f"no approved captions to train on ({sum(r.kept for r in records)} images kept, {waiting} waiting for "
+            "review): see review_reasons in the review manifest"
+        )
     return examples
 
 

@@ -54,3 +54,8 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
     trained = json.loads(result.stdout)
     assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
     shutil.rmtree(ws)
+
+
+def test_run_says_which_setting_is_missing():
+    result = runner.invoke(app, ["run", "--images", "photos"])
+    assert result.exit_code != 0 and "name: Field required" in result.output

@@ -87,6 +87,17 @@ def test_second_run_reuses_every_stage(first_run):
     assert again["lora"] == result["lora"]
 
 
+def test_a_deleted_output_is_rebuilt_not_served_from_the_cache(first_run):
+    from flows.pipeline import pipeline
+
+    config, result = first_run
+    Path(result["lora"]).unlink()
+    again = pipeline(config)
+    assert Path(again["lora"]).exists()
+    assert not again["stages"]["export"]["cached"]
+    assert again["stages"]["train"]["cached"] and again["stages"]["review"]["cached"]
+
+
 def test_one_new_photo_is_the_only_work_in_per_image_stages(first_run):
     from flows.pipeline import pipeline
 
