@@ -37,3 +37,20 @@ def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", **kwargs)
     return buf.getvalue()
+
+
+def cropped_demo_records(folder: Path, ws, count: int):
+    """`count` drawn portraits taken through collect, validate and crop at the demo's 256 px buckets."""
+    from lorapipe.config import CollectConfig, CropConfig, ValidateConfig
+    from lorapipe.demo_data import draw, scenes
+    from tasks.collect import collect_folder
+    from tasks.crop import crop_records
+    from tasks.validate import validate_records
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes(count)):
+        draw(scene).save(folder / f"p{i}.png")
+    records, _ = collect_folder(folder, ws, CollectConfig())
+    records, _ = validate_records(records, ws, ValidateConfig())
+    records, _ = crop_records(records, ws, CropConfig(resolution=256, bucket_step=32))
+    return records

@@ -7,13 +7,11 @@ from PIL import Image
 
 from captioners import clip_token_counter, finish_caption, load_captioner
 from captioners.postprocess import fit_tokens
-from lorapipe.config import CaptionConfig, CollectConfig, CropConfig, ReviewConfig, ValidateConfig
+from helpers import cropped_demo_records
+from lorapipe.config import CaptionConfig, ReviewConfig
 from lorapipe.demo_data import draw, scenes
 from tasks.caption import caption_records
-from tasks.collect import collect_folder
-from tasks.crop import crop_records
 from tasks.review import caption_problems, review_records
-from tasks.validate import validate_records
 
 NAME = "Jane Doe"
 
@@ -64,14 +62,7 @@ def test_tiny_llava_describes_what_it_sees(tiny_models):
 
 @pytest.fixture
 def cropped(tmp_path, workspace):
-    src = tmp_path / "photos"
-    src.mkdir()
-    for i, scene in enumerate(scenes(3)):
-        draw(scene).save(src / f"p{i}.jpg")
-    records, _ = collect_folder(src, workspace, CollectConfig())
-    records, _ = validate_records(records, workspace, ValidateConfig())
-    records, _ = crop_records(records, workspace, CropConfig(resolution=256, bucket_step=32))
-    return records
+    return cropped_demo_records(tmp_path / "photos", workspace, 3)
 
 
 def test_caption_stage_names_the_person_and_caches_per_image(cropped, workspace, tiny_models):

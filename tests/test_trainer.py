@@ -8,11 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorapipe.config import CollectConfig, CropConfig, TrainConfig, ValidateConfig
-from lorapipe.demo_data import draw, scenes
-from tasks.collect import collect_folder
-from tasks.crop import crop_records
-from tasks.validate import validate_records
+from helpers import cropped_demo_records
+from lorapipe.config import TrainConfig
+from lorapipe.demo_data import scenes
 from trainer import Example, train_lora
 from trainer.data import micro_batch_schedule
 from trainer.export import export_diffusers_lora
@@ -46,13 +44,7 @@ def trained(tiny_models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     ws = Workspace.at(root / "ws")
-    src = root / "photos"
-    src.mkdir()
-    for i, scene in enumerate(scenes(4)):
-        draw(scene).save(src / f"p{i}.png")
-    records, _ = collect_folder(src, ws, CollectConfig())
-    records, _ = validate_records(records, ws, ValidateConfig())
-    records, _ = crop_records(records, ws, CropConfig(resolution=256, bucket_step=32))
+    records = cropped_demo_records(root / "photos", ws, 4)
     examples = [
         Example(r.id, ws.path(r.image_path), f"Jane Doe, {s.describe()}", r.bucket_size, tuple(r.original_size),
                 tuple(r.crop_top_left))
