@@ -179,9 +179,9 @@ def train(workspace: Path, config: Optional[Path] = typer.Option(None, "--config
 
     ws, cfg = _workspace_config(workspace, config)
     manifest = _input_manifest(ws, "train")
-    trained = run_train(manifest, str(ws.root), cfg.train)
-    exported = run_export(trained["lora_file"], manifest, str(ws.root), cfg.name, trained,
-                          cfg.train.model_dump(mode="json"))
+    trained = run_train(manifest, str(ws.root), cfg.train, cfg.name)
+    exported = run_export(trained["lora_file"], manifest, str(ws.root), cfg.name, trained, cfg.train,
+                          cfg.dataset.crop.resolution)
     _print({**trained, "exported": exported["lora"], "latest": exported["latest"]})
 
 

@@ -26,6 +26,7 @@ def demo_config(photos: Path, workspace: Path, models: TinyModels) -> PipelineCo
                 "micro_batch_size": 2,
                 "epochs": 4,
                 "learning_rate": 3e-3,
+                "sample_steps": 8,
                 "device": "cpu",
             },
             "evaluate": {"steps": 8, "prompts": ["a photo of {name} smiling outdoors"]},

@@ -62,10 +62,11 @@ def train_flow(config: PipelineConfig, manifest: str) -> dict:
     """Train a LoRA on a reviewed manifest, export it, and render samples with and without it."""
     ws = Workspace.at(config.workspace_path())
     common, stages = {"workspace": str(ws.root)}, {}
-    train = _record(stages, "train", *call_stage(train_task, ws, manifest=manifest, config=config.train, **common))
+    train = _record(stages, "train", *call_stage(train_task, ws, manifest=manifest, config=config.train,
+                                                 name=config.name, **common))
     export = _record(stages, "export", *call_stage(
         export_task, ws, lora_file=train["lora_file"], manifest=manifest, name=config.name, train_result=train,
-        train_config=config.train.model_dump(mode="json"), **common))
+        train_config=config.train, resolution=config.dataset.crop.resolution, **common))
     evaluate = _record(stages, "evaluate", *call_stage(
         evaluate_task, ws, lora_file=export["lora"], config=config.evaluate, train=config.train, name=config.name,
         resolution=config.dataset.crop.resolution, **common))
@@ -83,6 +84,7 @@ def pipeline(config: PipelineConfig) -> dict:
         "manifest": dataset["manifest"],
         "lora": trained["export"]["lora"],
         "lora_latest": trained["export"]["latest"],
+        "lora_diffusers": trained["export"]["diffusers"],
         "lora_bytes": trained["export"]["size_bytes"],
         "samples": trained["evaluate"]["samples"],
         "mean_abs_difference": trained["evaluate"]["mean_abs_difference"],

@@ -85,26 +85,50 @@ class ReviewConfig(Strict):
 
 
 class TrainConfig(Strict):
-    base_model: str = Field(SDXL_BASE, description="Hub id or local diffusers folder of an SDXL base model")
+    base_model: str = Field(SDXL_BASE, description="Hub id, local diffusers folder, or one .safetensors checkpoint")
     revision: str | None = Field(None, description="Pin a hub revision")
     vae: str | None = Field(None, description="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix")
     rank: int = Field(8, ge=1, description="LoRA rank (8 is enough for a person)")
     alpha: float = Field(
         1.0, gt=0, description="LoRA alpha; scale = alpha/rank. 1.0 as in kohya and OneTrainer, where 4e-4 was tuned"
     )
+    targets: Literal["kohya", "attention"] = Field(
+        "kohya", description="kohya: every Linear in the UNet's transformer blocks; attention: q/k/v/out only"
+    )
     learning_rate: float = Field(4e-4, gt=0, description="UNet learning rate")
-    optimizer: Literal["lion", "lion8bit"] = Field("lion", description="bitsandbytes Lion (32-bit or 8-bit states)")
+    optimizer: Literal["auto", "lion", "lion-pytorch", "bnb-lion", "bnb-lion8bit"] = Field(
+        "auto", description="auto: the fastest exact Lion (lorapipe's multi-tensor Lion); bnb-lion8bit is not exact"
+    )
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay (Lion)")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps (constant_with_warmup, cosine, linear)")
     effective_batch_size: int = Field(64, ge=1, description="Images per optimizer step, by gradient accumulation")
-    micro_batch_size: int = Field(4, ge=1, description="Images per forward pass (as many as fit in memory)")
+    micro_batch_size: int | Literal["auto"] = Field(
+        4, description="Images per forward pass; 'auto' probes the largest that fits in GPU memory"
+    )
     epochs: int = Field(12, ge=1)
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch")
+    min_bucket_images: int = Field(2, ge=1, description="Smaller buckets are merged into the nearest larger one")
     mixed_precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 on GPU; the CPU always uses fp32")
-    gradient_checkpointing: bool = False
-    noise_offset: float = Field(0.0, ge=0)
-    seed: int = 0
+    gradient_checkpointing: bool = Field(False, description="Less memory, ~30% slower steps")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting, e.g. 5.0 (off when empty)")
+    noise_offset: float = Field(0.0, ge=0, description="Noise offset, e.g. 0.0357 for darker darks")
+    train_text_encoders: bool = Field(False, description="LoRA on both text encoders, for people SDXL doesn't know")
+    text_encoder_lr: float = Field(4e-5, gt=0, description="Learning rate of the CLIP ViT-L text encoder's LoRA")
+    text_encoder_2_lr: float = Field(4e-5, gt=0, description="Learning rate of the OpenCLIP bigG text encoder's LoRA")
+    seed: int = Field(0, description="Same seed, data and settings: the same LoRA")
+    checkpoint_every_steps: int = Field(20, ge=0, description="Also checkpoint every N steps (0: epoch ends only)")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are pruned")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of {name}", "a portrait of {name}, smiling, outdoors"],
+        description="Rendered at epoch ends with {name} as the name and as 'a person'",
+    )
+    sample_every_epochs: int = Field(1, ge=0, description="Sample every N epochs (0: only at the end)")
+    sample_steps: int = Field(25, ge=1, description="Sampling steps for training samples")
+    holdout_images: int = Field(4, ge=0, description="Images kept out of training to measure held-out loss")
+    holdout_min_images: int = Field(40, ge=1, description="Hold images out only from datasets at least this big")
+    timeout_minutes: float | None = Field(None, gt=0, description="Stop (and let the retry resume) after this long")
+    num_processes: int = Field(1, ge=1, description="GPUs to train on (more than 1: accelerate launch, DDP)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -1,34 +1,36 @@
-"""Train: the approved images and captions of a manifest into a LoRA (trainer/ does the work)."""
+"""Train: the approved images and captions of a manifest into a LoRA.
+
+The trainer runs in its own process (`python -m trainer job.json`, or `accelerate launch` on several
+GPUs): a hang or an out-of-memory crash can be timed out and retried, and a retry resumes from the
+last complete checkpoint instead of starting over.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict
+import os
+import subprocess
+import sys
+from collections import deque
 
 from lorapipe.config import TrainConfig
 from lorapipe.manifest import ImageRecord, read_manifest
 from lorapipe.workspace import Workspace
 from tasks.stage import code_version, manifest_digest, stage_key, stage_task
-from trainer import Example, train_lora
+from trainer.data import Example
+from trainer.job import Job
 from trainer.loop import LORA_WEIGHTS
 
 log = logging.getLogger("lorapipe.train")
 
 
 def training_examples(records: list[ImageRecord], ws: Workspace) -> list[Example]:
-    examples = []
-    for r in records:
-        if r.kept and r.review == "approved":
-            examples.append(
-                Example(
-                    image_id=r.id,
-                    image_path=ws.path(r.image_path),
-                    caption=r.caption,
-                    bucket=r.bucket_size,
-                    original_size=tuple(r.original_size),
-                    crop_top_left=tuple(r.crop_top_left),
-                )
-            )
+    examples = [
+        Example(r.id, ws.path(r.image_path), r.caption, r.bucket_size, tuple(r.original_size), tuple(r.crop_top_left))
+        for r in records
+        if r.kept and r.review == "approved"
+    ]
     waiting = sum(1 for r in records if r.kept and r.review == "pending")
     if waiting:
         log.warning("%d images wait for caption review and are left out of this run", waiting)
@@ -40,27 +42,46 @@ def training_examples(records: list[ImageRecord], ws: Workspace) -> list[Example
     return examples
 
 
+def trainer_command(job_file, config: TrainConfig) -> list[str]:
+    if config.num_processes > 1:
+        # --multi_gpu is accelerate's DDP launcher; on a machine without GPUs it runs DDP on the CPU (gloo).
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                "--num_processes", str(config.num_processes), "--dynamo_backend", "no", "--mixed_precision",
+                "bf16" if config.mixed_precision == "bf16" else "no", "-m", "trainer", str(job_file)]
+    return [sys.executable, "-m", "trainer", str(job_file)]
+
+
+def run_trainer(job: Job) -> dict:
+    """Run the job in a child process, its output in our log; the result is the run's train_result.json."""
+    job_file = job.write()
+    command = trainer_command(job_file, job.config)
+    tail: deque[str] = deque(maxlen=30)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log.info("%s", line.rstrip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
+    return json.loads((job.run_dir / "train_result.json").read_text())
+
+
 CODE = code_version(__name__, "trainer")
 
 
-def train_key(manifest: str, workspace: str, config: TrainConfig) -> str:
-    return stage_key("train", CODE, manifest_digest(manifest), workspace, config)
+def train_key(manifest: str, workspace: str, config: TrainConfig, name: str) -> str:
+    return stage_key("train", CODE, manifest_digest(manifest), workspace, config, name)
 
 
-def run_train(manifest: str, workspace: str, config: TrainConfig) -> dict:
+def run_train(manifest: str, workspace: str, config: TrainConfig, name: str) -> dict:
     ws = Workspace.at(workspace)
-    key = train_key(manifest, workspace, config)
-    run_dir = ws.runs / key[:16]
-    result = train_lora(training_examples(read_manifest(manifest), ws), config, run_dir, ws.cache)
-    lora_file = f"{result.lora_dir}/{LORA_WEIGHTS}"
-    return {
-        "stage": "train",
-        "key": key,
-        "run_dir": str(run_dir),
-        "lora_file": lora_file,
-        **{k: v for k, v in asdict(result).items() if k != "lora_dir"},
-        "outputs": [lora_file],
-    }
+    key = train_key(manifest, workspace, config, name)
+    job = Job(training_examples(read_manifest(manifest), ws), config, ws.runs / key[:16], ws.cache, name, key)
+    result = run_trainer(job)
+    lora_file = f"{result.pop('lora_dir')}/{LORA_WEIGHTS}"
+    return {"stage": "train", "key": key, "run_dir": str(job.run_dir), "lora_file": lora_file, **result,
+            "outputs": [lora_file]}
 
 
+# retries=1: a crash or timeout reruns the job, which resumes from its last checkpoint.
 train_task = stage_task(run_train, train_key, name="train", retries=1, tags=["gpu"])

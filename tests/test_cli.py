@@ -28,7 +28,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
     config.write_text(
         f"name: Jane Doe\nimages: {photos}\ndataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
-        f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  device: cpu\n"
+        f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n  device: cpu\n"
     )
     result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
     assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output

@@ -12,7 +12,7 @@ def test_flow_parameters_are_the_config_models():
     definitions = schema["definitions"]
     train = definitions["TrainConfig"]["properties"]
     assert train["rank"]["default"] == 8 and "LoRA rank" in train["rank"]["description"]
-    assert train["optimizer"]["enum"] == ["lion", "lion8bit"]
+    assert train["optimizer"]["enum"] == ["auto", "lion", "lion-pytorch", "bnb-lion", "bnb-lion8bit"]
     assert "validate" in definitions["DatasetConfig"]["properties"]
     assert definitions["TrainConfig"]["additionalProperties"] is False
 

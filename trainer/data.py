@@ -1,13 +1,18 @@
-"""Training data: examples from the manifest, aspect buckets, and the latent / text-embedding caches.
+"""Training data: examples, aspect buckets, the schedule of micro-batches, and the latent and
+text-embedding caches.
 
-Both caches are keyed on content: a latent on the cropped image's bytes and the VAE, a text embedding
-on the caption text and the encoders. An edited caption or a replaced image is never served stale,
-and nothing else is recomputed.
+Both caches are keyed on content: a latent on the training image's bytes, its bucket and the VAE; a
+text embedding on the caption text and the encoders. An edited caption or a replaced image is never
+served stale, and nothing else is recomputed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +23,116 @@ from safetensors.torch import load_file, save_file
 
 from lorapipe.fsutil import atomic_path, sha256_file, stable_hash
 
+log = logging.getLogger("lorapipe.train")
+
 
 @dataclass(frozen=True)
 class Example:
     image_id: str
     image_path: Path
     caption: str
-    bucket: tuple[int, int]  # width, height of the (already cropped) image
+    bucket: tuple[int, int]  # width, height the image is trained at
     original_size: tuple[int, int]  # height, width (SDXL order)
-    crop_top_left: tuple[int, int]  # top, left
+    crop_top_left: tuple[int, int]  # top, left, in pixels of the original resized to cover the bucket
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "image_path": str(self.image_path)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Example":
+        return cls(
+            data["image_id"], Path(data["image_path"]), data["caption"], tuple(data["bucket"]),
+            tuple(data["original_size"]), tuple(data["crop_top_left"]),
+        )
+
+
+# --- buckets ----------------------------------------------------------------------------------
+
+
+def cover_and_center(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, int, int]:
+    """Scale to cover `bucket`, then the centred crop's (top, left) offset: how an image is refitted."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    width, height = math.ceil(size[0] * scale), math.ceil(size[1] * scale)
+    return scale, (height - bucket[1]) // 2, (width - bucket[0]) // 2
+
+
+def merge_small_buckets(examples: list[Example], min_images: int) -> list[Example]:
+    """Move images of buckets smaller than `min_images` into the nearest bucket (by aspect) that is not.
+
+    A bucket of one image makes micro-batches of one: slow, and a shape of its own to compile or capture.
+    """
+    counts = Counter(ex.bucket for ex in examples)
+    big = [b for b, n in counts.items() if n >= min_images]
+    if not big or len(big) == len(counts):
+        return examples
+    out = []
+    for ex in examples:
+        if counts[ex.bucket] >= min_images:
+            out.append(ex)
+            continue
+        target = min(big, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ex.bucket[0] / ex.bucket[1])))
+        scale, top, left = cover_and_center(ex.bucket, target)
+        crop = (round(ex.crop_top_left[0] * scale) + top, round(ex.crop_top_left[1] * scale) + left)
+        out.append(dataclasses.replace(ex, bucket=target, crop_top_left=crop))
+    for bucket in sorted(set(counts) - set(big)):
+        log.info("bucket %dx%d has %d image(s) (< %d): merged into its nearest bucket", *bucket, counts[bucket],
+                 min_images)
+    return out
+
+
+def split_holdout(examples: list[Example], count: int, min_images: int, seed: int) -> tuple[list, list]:
+    """A few images kept out of training to measure held-out loss, only where the dataset can spare them."""
+    if count == 0 or len(examples) < min_images:
+        return examples, []
+    held = set(random.Random(stable_hash("holdout", seed)).sample(range(len(examples)), count))
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def micro_batch_schedule(
+    examples: list[Example], micro_batch_size: int, epochs: int, repeats: int, seed: int
+) -> list[list[int]]:
+    """Every micro-batch of the whole run, in order. Each holds images of one bucket (one tensor shape).
+
+    Deterministic from the seed, so a resumed run sees the same batches in the same order.
+    """
+    schedule = []
+    for epoch in range(epochs):
+        rng = random.Random(stable_hash(seed, epoch))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, ex in enumerate(examples):
+            by_bucket.setdefault(ex.bucket, []).extend([index] * repeats)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            rng.shuffle(indices)
+            batches += [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+        rng.shuffle(batches)
+        schedule += batches
+    return schedule
+
+
+def group_into_steps(
+    schedule: list[list[int]], effective_batch_size: int, min_micro_batches: int = 1
+) -> list[list[int]]:
+    """Indices into `schedule` for each optimizer step: consecutive micro-batches until the step has seen
+    the effective batch. With N processes every step needs N micro-batches at least (one each).
+    """
+    steps, current, seen = [], [], 0
+    for index, micro_batch in enumerate(schedule):
+        current.append(index)
+        seen += len(micro_batch)
+        if seen >= effective_batch_size and len(current) >= min_micro_batches:
+            steps.append(current)
+            current, seen = [], 0
+    if current:
+        if len(current) < min_micro_batches and steps:
+            steps[-1] += current
+        else:
+            steps.append(current)
+    return steps
+
+
+# --- caches -----------------------------------------------------------------------------------
 
 
 class TensorCache:
@@ -52,10 +158,18 @@ class TensorCache:
         with atomic_path(self.path(key), suffix=".safetensors") as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
 
+    def stats(self) -> dict[str, int]:
+        return {"computed": self.computed, "reused": self.reused}
 
-def image_tensor(path: Path) -> torch.Tensor:
-    """An image as a 1x3xHxW tensor in [-1, 1], as the VAE expects."""
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+
+def image_tensor(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
+    """The image at its bucket's size as a 1x3xHxW tensor in [-1, 1], as the VAE expects."""
+    img = Image.open(path).convert("RGB")
+    if img.size != bucket:  # a merged bucket: cover it, then crop the centre
+        scale, top, left = cover_and_center(img.size, bucket)
+        img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.LANCZOS)
+        img = img.crop((left, top, left + bucket[0], top + bucket[1]))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -64,60 +178,39 @@ def cache_latents(examples, vae, cache: TensorCache, vae_identity: dict, device,
     """VAE posterior (mean, std) per image. The VAE runs in fp32 or bf16, never fp16 (SDXL's VAE overflows)."""
     latents = {}
     for ex in examples:
-        key = stable_hash("latent", sha256_file(ex.image_path), vae_identity, str(dtype))
+        key = stable_hash("latent", sha256_file(ex.image_path), ex.bucket, vae_identity, str(dtype))
         entry = cache.get(key)
         if entry is None:
-            dist = vae.encode(image_tensor(ex.image_path).to(device, dtype)).latent_dist
-            entry = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+            dist = vae.encode(image_tensor(ex.image_path, ex.bucket).to(device, dtype)).latent_dist
+            entry = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
             cache.put(key, entry)
         latents[ex.image_id] = entry
     return latents
 
 
-@torch.no_grad()
-def encode_caption(caption: str, tokenizers, text_encoders, device) -> dict[str, torch.Tensor]:
+def encode_prompts(captions: list[str], tokenizers, text_encoders, device) -> dict[str, torch.Tensor]:
     """SDXL conditioning: both encoders' penultimate hidden states side by side, and the pooled projection."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(
-            caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
         ).input_ids.to(device)
         out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2][0])
-        pooled = out[0][0]  # the last encoder (with projection) gives the pooled embedding
-    return {"prompt_embeds": torch.cat(hidden, dim=-1).float(), "pooled": pooled.float()}
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder (with projection) gives the pooled embedding
+    return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled}
 
 
+@torch.no_grad()
 def cache_text_embeddings(examples, tokenizers, text_encoders, cache: TensorCache, identity: dict, device):
     embeddings = {}
     for caption in sorted({ex.caption for ex in examples}):
         key = stable_hash("text", caption, identity)
         entry = cache.get(key)
         if entry is None:
-            entry = encode_caption(caption, tokenizers, text_encoders, device)
+            out = encode_prompts([caption], tokenizers, text_encoders, device)
+            entry = {k: v[0].float().cpu() for k, v in out.items()}
             cache.put(key, entry)
         embeddings[caption] = entry
     return embeddings
-
-
-def micro_batch_schedule(
-    examples: list[Example], micro_batch_size: int, epochs: int, repeats: int, seed: int
-) -> list[list[int]]:
-    """Every micro-batch of the whole run, in order. Each holds images of one bucket (one tensor shape).
-
-    Deterministic from the seed, so a resumed run sees the same batches in the same order.
-    """
-    schedule = []
-    for epoch in range(epochs):
-        rng = random.Random(stable_hash(seed, epoch))
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, ex in enumerate(examples):
-            by_bucket.setdefault(ex.bucket, []).extend([index] * repeats)
-        batches = []
-        for bucket in sorted(by_bucket):
-            indices = by_bucket[bucket]
-            rng.shuffle(indices)
-            batches += [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-        rng.shuffle(batches)
-        schedule += batches
-    return schedule

@@ -1,11 +1,22 @@
-"""Loading SDXL the way users name it: a hub id, a local diffusers folder, or one .safetensors file."""
+"""Loading SDXL the way users name it (a hub id, a local diffusers folder, one .safetensors file) and
+adding the LoRA adapters.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# kohya's default LoRA targets for SDXL: every Linear in the UNet's transformer blocks.
+UNET_TARGETS = {
+    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+# ...and in both CLIP text encoders: attention and MLP.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 @dataclass
@@ -17,10 +28,11 @@ class SDXLParts:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    scheduler_config: dict  # the sampler the model ships with, for samples
 
 
 def is_single_file(base_model: str) -> bool:
-    return Path(base_model).suffix in {".safetensors", ".ckpt", ".pt", ".bin"}
+    return Path(base_model).suffix in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"}
 
 
 def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = None) -> SDXLParts:
@@ -34,10 +46,12 @@ def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = No
         pipe = StableDiffusionXLPipeline.from_single_file(base_model)
         parts = SDXLParts(
             pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
-            DDPMScheduler.from_config(pipe.scheduler.config),
+            DDPMScheduler.from_config(pipe.scheduler.config), dict(pipe.scheduler.config),
         )
     else:
         kw = {"revision": revision}
+        from diffusers import EulerDiscreteScheduler
+
         parts = SDXLParts(
             tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **kw),
@@ -47,19 +61,61 @@ def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = No
             unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
             # Training adds noise with the DDPM formulation whatever sampler the model ships with.
             noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **kw),
+            scheduler_config=dict(EulerDiscreteScheduler.load_config(base_model, subfolder="scheduler", **kw)),
         )
     if vae:
-        parts.vae = (
-            AutoencoderKL.from_single_file(vae) if is_single_file(vae) else AutoencoderKL.from_pretrained(vae)
-        )
+        parts.vae = AutoencoderKL.from_single_file(vae) if is_single_file(vae) else AutoencoderKL.from_pretrained(vae)
     for module in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
         module.requires_grad_(False)
         module.eval()
     return parts
 
 
+def _fingerprint(path: str | None) -> list | None:
+    """A local model by path, size and mtime of its files: re-saving different weights there changes it."""
+    if not path or not Path(path).expanduser().exists():
+        return None
+    root = Path(path).expanduser().resolve()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [str(root)] + [[str(p.relative_to(root.parent)), (st := os.stat(p)).st_size, st.st_mtime_ns] for p in files]
+
+
 def model_identity(base_model: str, revision: str | None, vae: str | None) -> dict:
-    """What names the weights in cache keys: a local folder by its resolved path, a hub id by id + revision."""
-    local = Path(base_model).expanduser()
-    name = str(local.resolve()) if local.exists() else base_model
-    return {"base_model": name, "revision": revision, "vae": vae}
+    """What names the weights in cache keys: a hub id by id + revision, a local model by its files."""
+    return {
+        "base_model": _fingerprint(base_model) or base_model,
+        "revision": revision,
+        "vae": _fingerprint(vae) or vae,
+    }
+
+
+def add_lora(module: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Add a peft LoRA adapter ("default"); returns its parameters, in fp32 (the frozen weights may be bf16)."""
+    from peft import LoraConfig
+
+    # kohya's initialisation: A Gaussian, B zero, so training starts exactly at the base model.
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's key names, as they are. diffusers' convert_state_dict_to_diffusers rewrites the attention
+    keys to an older naming that load_lora_weights then drops with only a warning (measured: a reloaded
+    UNet differed from the trained one by 0.11; with peft's names it is exact).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(module, save_embedding_layers=False)
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"checkpoint has LoRA weights this model lacks: {unexpected[:3]}")

@@ -53,6 +53,32 @@ def mean_abs_difference(a: list[Image.Image], b: list[Image.Image]) -> float:
     return float(np.mean([np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean() for x, y in zip(a, b)]))
 
 
+def sample_prompts(templates: list[str], name: str) -> list[str]:
+    """Each prompt with the person's name, then without it: the LoRA should change the first row only."""
+    return [t.replace("{name}", name) for t in templates] + [t.replace("{name}", "a person") for t in templates]
+
+
+@torch.no_grad()
+def training_samples(parts, unet, text_encoders, templates: list[str], name: str, seed: int, steps: int,
+                     size: tuple[int, int], device: str, dtype) -> Image.Image:
+    """Render samples with the model being trained (LoRA active): a grid, prompts across, with/without name down."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(parts.scheduler_config),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    # The VAE decodes in fp32 on the CPU and bf16 on the GPU; SDXL's VAE overflows in fp16.
+    images = render(pipe, sample_prompts(templates, name), seed, steps, 5.0, size)
+    unet.train(was_training)
+    n = len(templates)
+    return grid([images[:n], images[n:]])
+
+
 def compare_with_and_without(
     base_model: str, lora_file: str | Path, prompts: list[str], seed: int, steps: int, guidance_scale: float,
     size: tuple[int, int], revision: str | None = None, vae: str | None = None, device: str = "auto",

@@ -1,0 +1,30 @@
+"""Run a training job: `python -m trainer RUN_DIR/job.json`.
+
+On several GPUs: `accelerate launch --num_processes 2 -m trainer RUN_DIR/job.json`. Rerunning the same
+job resumes from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.job import Job
+from trainer.loop import train_lora
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("job", help="job.json written by lorapipe's train stage")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    job = Job.read(args.job)
+    train_lora(job.examples, job.config, job.run_dir, job.cache_dir, name=job.name, job_key=job.job_key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
