@@ -86,6 +86,14 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu"), bf16
 
 
+def place(module: torch.nn.Module, device, dtype) -> None:
+    """Move to the device; frozen weights in the compute dtype, trainable (LoRA) weights stay fp32."""
+    module.to(device)
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 def probe_micro_batch(unet, bucket, cond_dims, device, dtype, candidates=(16, 8, 4, 2, 1)) -> int:
     """The largest micro-batch whose forward+backward fits in GPU memory with 10% to spare."""
     if device.type != "cuda":
@@ -126,15 +134,50 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     examples = merge_small_buckets(examples, config.min_bucket_images)
     examples, holdout = split_holdout(examples, config.holdout_images, config.holdout_min_images, config.seed)
 
-    # 2. Models and caches. The VAE runs in fp32 on the CPU and bf16 on the GPU: fp16 overflows in SDXL's VAE.
+    # 2. Models and LoRA adapters, on the CPU: the plan is printed before any GPU work.
     parts = load_sdxl(config.base_model, config.revision, config.vae)
     identity = model_identity(config.base_model, config.revision, config.vae)
+    unet = parts.unet
+    param_groups = [{"params": add_lora(unet, config.rank, config.alpha, UNET_TARGETS[config.targets]),
+                     "lr": config.learning_rate}]
+    encoders = [parts.text_encoder, parts.text_encoder_2]
+    tokenizers = [parts.tokenizer, parts.tokenizer_2]
+    if config.train_text_encoders:
+        for encoder, lr in zip(encoders, (config.text_encoder_lr, config.text_encoder_2_lr)):
+            param_groups.append({"params": add_lora(encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS),
+                                 "lr": lr})
+            encoder.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    for module in (unet, *encoders):
+        place(module, device, weight_dtype)
+    largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
+    micro_batch_size = config.micro_batch_size
+    if micro_batch_size == "auto":
+        micro_batch_size = probe_micro_batch(unet, largest, (unet.config.cross_attention_dim,
+                                             unet.config.projection_class_embeddings_input_dim - 6 *
+                                             unet.config.addition_time_embed_dim), device, weight_dtype)
+    micro_batch_size = min(micro_batch_size, config.effective_batch_size)
+    schedule = micro_batch_schedule(examples, micro_batch_size, config.epochs, config.repeats, config.seed)
+    steps = group_into_steps(schedule, config.effective_batch_size, min_micro_batches=world)
+    per_epoch = len(schedule) // config.epochs  # every epoch has the same micro-batches, reshuffled
+    # A step may straddle an epoch boundary (accumulation carries over): it ends the epoch it finishes.
+    ends_epoch = {}
+    for n, indices in enumerate(steps):
+        finished = [i // per_epoch for i in indices if (i + 1) % per_epoch == 0]
+        if finished:
+            ends_epoch[n] = finished[-1]
+    lora_params = sum(p.numel() for g in param_groups for p in g["params"])
+    memory = estimate_memory_gib(sum(p.numel() for p in unet.parameters()) - lora_params, lora_params, largest,
+                                 micro_batch_size, bf16, config.gradient_checkpointing)
+    info = preflight(examples, holdout, schedule, steps, config, micro_batch_size, memory)
+
+    # 3. Caches: the VAE runs in fp32 on the CPU and bf16 on the GPU (fp16 overflows in SDXL's VAE).
     parts.vae.to(device, dtype=weight_dtype)
     latent_cache = TensorCache(cache_dir / "latents")
     latents = cache_latents(examples + holdout, parts.vae, latent_cache, identity, device, weight_dtype)
     scaling_factor = parts.vae.config.scaling_factor
-    encoders = [parts.text_encoder.to(device, weight_dtype), parts.text_encoder_2.to(device, weight_dtype)]
-    tokenizers = [parts.tokenizer, parts.tokenizer_2]
     text_cache = TensorCache(cache_dir / "text")
     embeddings = {}
     if not config.train_text_encoders:
@@ -148,46 +191,11 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     if not sampling:
         parts.vae = None
     gc.collect()
-
-    # 3. LoRA adapters and the optimizer.
-    unet = parts.unet.to(device, dtype=weight_dtype)
-    param_groups = [{"params": add_lora(unet, config.rank, config.alpha, UNET_TARGETS[config.targets]),
-                     "lr": config.learning_rate}]
-    if config.train_text_encoders:
-        for encoder, lr in zip(encoders, (config.text_encoder_lr, config.text_encoder_2_lr)):
-            param_groups.append({"params": add_lora(encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS),
-                                 "lr": lr})
-            encoder.train()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    micro_batch_size = config.micro_batch_size
-    if micro_batch_size == "auto":
-        largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
-        micro_batch_size = probe_micro_batch(unet, largest, (unet.config.cross_attention_dim,
-                                             unet.config.projection_class_embeddings_input_dim - 6 *
-                                             unet.config.addition_time_embed_dim), device, weight_dtype)
-    micro_batch_size = min(micro_batch_size, config.effective_batch_size)
     optimizer = make_optimizer(param_groups, config.optimizer, config.weight_decay)
-
-    schedule = micro_batch_schedule(examples, micro_batch_size, config.epochs, config.repeats, config.seed)
-    steps = group_into_steps(schedule, config.effective_batch_size, min_micro_batches=world)
-    per_epoch = len(schedule) // config.epochs  # every epoch has the same micro-batches, reshuffled
-    # A step may straddle an epoch boundary (accumulation carries over): it ends the epoch it finishes.
-    ends_epoch = {}
-    for n, indices in enumerate(steps):
-        finished = [i // per_epoch for i in indices if (i + 1) % per_epoch == 0]
-        if finished:
-            ends_epoch[n] = finished[-1]
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=len(steps))
-    largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
-    lora_params = sum(p.numel() for g in param_groups for p in g["params"])
-    memory = estimate_memory_gib(sum(p.numel() for p in unet.parameters()) - lora_params, lora_params, largest,
-                                 micro_batch_size, bf16, config.gradient_checkpointing)
-    info = preflight(examples, holdout, schedule, steps, config, micro_batch_size, memory)
     trained_modules = {"unet": unet}
     if config.train_text_encoders:
         trained_modules.update(text_encoder=encoders[0], text_encoder_2=encoders[1])
