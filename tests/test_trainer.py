@@ -400,3 +400,12 @@ def test_two_processes_with_accelerate_train_like_one(trained, dataset):
     b = load_file(f"{job.run_dir}/lora/{LORA_WEIGHTS}")
     # The same micro-batches and noise, gradients summed in another order: equal up to rounding.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.05
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    from trainer.models import load_sdxl
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="model.ckpt: only .safetensors"):
+        load_sdxl(str(ckpt))
