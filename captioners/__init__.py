@@ -1,20 +1,30 @@
 """Vision-language captioners behind one small interface. No prefect imports: usable from any script.
 
-    captioner = load_captioner("llava", "llava-hf/llava-1.5-7b-hf")
-    raw = captioner.describe(images, prompt)          # what the model said
-    caption = finish_caption(raw[0], name="Jane Doe", count_tokens=...)   # what we train on
+    captioner = load_captioner("transformers", "llava-hf/llava-1.5-7b-hf")
+    raw = captioner.describe(images, prompt)                                # what the model said
+    caption = finish_caption(raw[0], name="Jane Doe", count_tokens=...)     # what we train on
+    captioner.close()                                                       # free the GPU
 """
 
 from captioners.base import Captioner
 from captioners.postprocess import clip_token_counter, finish_caption
 
+# "llava" and "glm4v" name the same in-process code path: transformers' AutoModelForImageTextToText.
+BACKENDS = {"transformers": "transformers", "llava": "transformers", "glm4v": "transformers", "openai": "openai"}
+
 
 def load_captioner(backend: str, model: str, **options) -> Captioner:
-    if backend == "llava":
-        from captioners.llava import LlavaCaptioner
+    kind = BACKENDS.get(backend)
+    if kind == "transformers":
+        from captioners.transformers_vlm import TransformersCaptioner
 
-        return LlavaCaptioner(model, **options)
-    raise ValueError(f"unknown captioner backend {backend!r} (known: llava)")
+        allowed = ("revision", "device", "batch_size", "max_new_tokens", "quantization", "trust_remote_code")
+        return TransformersCaptioner(model, **{k: v for k, v in options.items() if k in allowed})
+    if kind == "openai":
+        from captioners.openai_api import OpenAICaptioner
+
+        return OpenAICaptioner(model, **options)
+    raise ValueError(f"unknown captioner backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 
 __all__ = ["Captioner", "clip_token_counter", "finish_caption", "load_captioner"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when the rules change: finished captions are recomputed, raw VLM answers are kept.
-POSTPROCESS_VERSION = 1
+POSTPROCESS_VERSION = 2
 
 BOILERPLATE = re.compile(
     r"^\s*(?:(?:the|this) (?:image|photo|photograph|picture|scene) (?:shows|depicts|features|captures|is of|contains)"
@@ -22,11 +22,15 @@ GENERIC_SUBJECT = re.compile(
     r"(?:woman|man|person|girl|boy|lady|gentleman|guy|individual|subject)\b",
     re.IGNORECASE,
 )
+# Reasoning models (GLM-4.1V-Thinking ...) wrap their answer; keep only the answer.
+THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+ANSWER_TAGS = re.compile(r"</?answer>|<\|begin_of_box\|>|<\|end_of_box\|>", re.IGNORECASE)
 REPEATED_WORDS = re.compile(r"\b(\w+(?:\s+\w+){0,3})(?:[\s,]+\1\b)+", re.IGNORECASE)
 
 
 def clean(raw: str) -> str:
-    text = " ".join(raw.replace("\n", " ").split()).strip(" \"'")
+    text = ANSWER_TAGS.sub("", THINKING.sub("", raw))
+    text = " ".join(text.replace("\n", " ").split()).strip(" \"'*")
     if REFUSAL.search(text):
         return ""
     previous = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 from pathlib import Path
@@ -163,12 +164,58 @@ def caption(workspace: Path, config: Optional[Path] = typer.Option(None, "--conf
 
 
 @app.command()
-def review(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Apply the caption rules; write .txt sidecars for approved captions."""
-    from tasks.review import run_review
+def review(
+    workspace: Path,
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Decisions: edited captions, action approve/drop"),
+    approve_all: bool = typer.Option(False, "--approve-all", help="Approve every waiting caption as written"),
+    drop: list[str] = typer.Option([], "--drop", help="File name or image id to leave out (repeatable)"),
+    reviewer: str = typer.Option(getpass.getuser(), help="Recorded with each decision"),
+    resume: bool = typer.Option(False, "--resume", help="Resume a paused run even if captions still wait"),
+    config: Optional[Path] = typer.Option(None, "--config"),
+) -> None:
+    """Review captions from a terminal: rules, edits in the .txt sidecars or a CSV, then resume a paused run.
+
+    Without decisions it lists the captions waiting and writes WORKSPACE/review.csv to edit.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.review import resume_paused_run
+    from lorapipe.manifest import read_manifest
+    from tasks.review import (decision_from_csv, decision_from_sidecars, display_name, record_decisions,
+                              run_review, waiting_for_review, write_review_csv)
 
     ws, cfg = _workspace_config(workspace, config)
-    _print(run_review(_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.base_model))
+    args = (_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.base_model)
+    result = run_review(*args)
+    records = read_manifest(result["manifest"])
+    decision = decision_from_sidecars(records, ws, reviewer)
+    if csv_file:
+        from_csv = decision_from_csv(records, csv_file, reviewer)
+        decision.edits.update(from_csv.edits)
+        decision.drop += from_csv.drop
+        decision.approve += from_csv.approve
+    decision = decision.model_copy(update={"approve_all": approve_all, "drop": decision.drop + list(drop)})
+    recorded = record_decisions(records, ws, decision) if not decision.is_empty() else 0
+    if recorded:
+        result = run_review(*args)
+        records = read_manifest(result["manifest"])
+    waiting = waiting_for_review(records)
+
+    console = Console(stderr=True)  # stdout is the JSON summary
+    if waiting:
+        table = Table(title=f"{len(waiting)} captions wait for review")
+        for column in ("file", "id", "caption", "why"):
+            table.add_column(column)
+        for r in waiting:
+            table.add_row(display_name(r), r.id[:8], r.caption or "", "; ".join(r.review_reasons) or "approval: all")
+        console.print(table)
+        sheet = write_review_csv(records, ws.root / "review.csv")
+        console.print(f"Edit captions or set action to approve/drop in {sheet}, then: lorapipe review {ws.root} "
+                      f"--csv {sheet}   (or --approve-all)")
+    resumed = resume_paused_run(ws, reviewer) if (resume or not waiting) else None
+    _print({"decisions_recorded": recorded, "waiting": len(waiting), "stats": result["stats"],
+            "manifest": result["manifest"], "resumed_flow_run": resumed})
 
 
 @app.command()

@@ -18,7 +18,8 @@ from tasks.crop import crop_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
-from tasks.review import review_task
+from flows.review import ask_a_person
+from tasks.review import record_decisions_task, review_task
 from tasks.stage import call_stage
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -51,9 +52,14 @@ def dataset_flow(config: PipelineConfig) -> dict:
     result = _record(stages, "caption", *call_stage(
         caption_task, ws, manifest=result["manifest"], config=config.caption, name=config.name,
         tokenizer_from=tokenizer_from, **common))
-    result = _record(stages, "review", *call_stage(
-        review_task, ws, manifest=result["manifest"], config=config.review, name=config.name,
-        tokenizer_from=tokenizer_from, **common))
+    review = {"manifest": result["manifest"], "config": config.review, "name": config.name,
+              "tokenizer_from": tokenizer_from, **common}
+    result = _record(stages, "review", *call_stage(review_task, ws, **review))
+    if result["stats"]["pending"] and config.review.approval != "auto":
+        decision = ask_a_person(ws, result["manifest"], config.review)
+        if decision:
+            record_decisions_task(manifest=result["manifest"], workspace=str(ws.root), decision=decision)
+            result = _record(stages, "review", *call_stage(review_task, ws, **review))
     return {"workspace": str(ws.root), "manifest": result["manifest"], "stages": stages}
 
 

@@ -66,17 +66,43 @@ class DatasetConfig(Strict):
 
 
 class CaptionConfig(Strict):
-    backend: Literal["llava"] = Field("llava", description="Captioner backend (transformers, in process)")
-    model: str = Field(LLAVA_15_7B, description="Hub id or local folder of a LLaVA-family model")
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="transformers: the model in this process; openai: any OpenAI-compatible server"
+    )
+    model: str = Field(LLAVA_15_7B, description="Hub id or folder (transformers), or the server's model name")
     revision: str | None = Field(None, description="Pin a hub revision (commit or tag)")
     prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="What the VLM is asked")
     max_new_tokens: int = Field(60, ge=1, le=512, description="Longest answer generated")
-    batch_size: int = Field(8, ge=1, description="Images per generate() call")
+    batch_size: int = Field(8, ge=1, description="Images per generate() call (transformers)")
     class_word: str | None = Field(None, description="Optional class word after the name, e.g. 'woman'")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the captioner runs")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the captioner runs (transformers)")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the VLM in 4 or 8 bits with bitsandbytes, for small GPUs"
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code from the model's repository (only models not native to transformers)"
+    )
+    api_base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible server, ending in /v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key")
+    api_key_secret: str | None = Field(None, description="Or: the name of a Prefect Secret block holding it")
+    api_concurrency: int = Field(4, ge=1, description="Requests in flight at once")
+    api_timeout_seconds: float = Field(60.0, gt=0, description="Per request")
+    api_max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and timeouts")
 
 
 class ReviewConfig(Strict):
+    approval: Literal["auto", "flagged-only", "all"] = Field(
+        "flagged-only",
+        description="auto: nobody is asked, flagged captions are left out; flagged-only: a person reviews "
+        "flagged captions; all: a person reviews every caption",
+    )
+    wait: Literal["auto", "pause", "suspend"] = Field(
+        "auto", description="pause keeps the run's process; suspend frees it (deployments only); auto picks"
+    )
+    timeout_hours: float = Field(24.0, gt=0, description="How long to wait for a person")
+    on_timeout: Literal["continue", "fail"] = Field(
+        "continue", description="After the wait: train on the approved captions only, or fail the run"
+    )
     max_tokens: int = Field(75, ge=1, description="Longest caption in CLIP tokens (SDXL reads 75)")
     min_words: int = Field(3, ge=1, description="Shorter captions are flagged")
     placeholder_tokens: list[str] = Field(

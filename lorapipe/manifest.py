@@ -60,6 +60,7 @@ class ImageRecord(BaseModel):
     caption_edits: list[CaptionEdit] = Field(default_factory=list)
     review: Review | None = None
     review_reasons: list[str] = Field(default_factory=list, description="Rules that flagged the caption")
+    reviewed_by: str | None = Field(None, description="The person who approved, edited or dropped it")
 
     def reject(self, reason: str, duplicate_of: str | None = None) -> "ImageRecord":
         return self.model_copy(update={"status": "rejected", "reason": reason, "duplicate_of": duplicate_of})

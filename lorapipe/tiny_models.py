@@ -210,69 +210,87 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
-    """LLaVA-1.5's architecture (CLIP vision tower, 2-layer projector, Llama) at toy width."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-    tokenizer = train_llama_tokenizer()
-    image_size, patch = 32, 8
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch,
-            projection_dim=32,
+
+def _tiny_vlm_configs(tokenizer, image_size: int, patch: int) -> dict:
+    """LLaVA's parts at toy width: a CLIP vision tower and a Llama, with LLaVA-1.5's feature choices."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    return {
+        "vision_config": CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=image_size, patch_size=patch, projection_dim=32,
         ),
-        text_config=LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+        "text_config": LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    teach_to_caption(model, processor, seed=seed)
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _save_vlm(model, processor, out_dir, tokenizer) -> Path:
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """LLaVA-1.5's architecture (CLIP vision tower, 2-layer projector, Llama) at toy width, taught to caption."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = train_llama_tokenizer()
+    image_size, patch = 32, 8
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(**_tiny_vlm_configs(tokenizer, image_size, patch)))
+    teach_to_caption(model, processor, seed=seed)
+    return _save_vlm(model, processor, out_dir, tokenizer)
+
+
+def build_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT (1.6): LLaVA plus "anyres" tiling, so images of other aspects give other token counts."""
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = train_llama_tokenizer()
+    image_size, patch, pinpoints = 32, 8, [[32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(**_tiny_vlm_configs(tokenizer, image_size, patch), image_grid_pinpoints=pinpoints)
+    return _save_vlm(LlavaNextForConditionalGeneration(config), processor, out_dir, tokenizer)
 
 
 def teach_to_caption(model, processor, seed: int = 0, steps: int = 300, batch_size: int = 16) -> float:

@@ -8,6 +8,7 @@ running the model again.
 from __future__ import annotations
 
 import logging
+import os
 
 from PIL import Image
 
@@ -26,15 +27,34 @@ CLIP_MAX_TOKENS = 75
 
 
 def raw_caption_key(record: ImageRecord, config: CaptionConfig) -> str:
+    """What a model's answer depends on (the name and post-processing do not: they are applied after)."""
+    where = config.api_base_url.rstrip("/") if config.backend == "openai" else config.quantization
     return ItemCache.key(
-        record.id,
-        record.crop,
-        record.bucket,
-        config.backend,
-        config.model,
-        config.revision,
-        config.prompt,
-        config.max_new_tokens,
+        record.id, record.crop, record.bucket, config.backend, config.model, config.revision, where,
+        config.prompt, config.max_new_tokens,
+    )
+
+
+def api_key(config: CaptionConfig) -> str | None:
+    """From a Prefect Secret block when one is named, else from the environment. Never logged."""
+    if config.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(config.api_key_secret).get()
+    return os.environ.get(config.api_key_env)
+
+
+def open_captioner(config: CaptionConfig):
+    if config.backend == "openai":
+        return load_captioner(
+            "openai", config.model, base_url=config.api_base_url, api_key=api_key(config),
+            max_new_tokens=config.max_new_tokens, concurrency=config.api_concurrency,
+            timeout_seconds=config.api_timeout_seconds, max_retries=config.api_max_retries,
+        )
+    return load_captioner(
+        "transformers", config.model, revision=config.revision, device=config.device, batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens, quantization=config.quantization,
+        trust_remote_code=config.trust_remote_code,
     )
 
 
@@ -47,10 +67,7 @@ def caption_records(
     todo = [i for i in keys if i not in raw]
     if todo:
         log.info("captioning %d images with %s (%d cached)", len(todo), config.model, len(raw))
-        captioner = load_captioner(
-            config.backend, config.model, revision=config.revision, device=config.device,
-            batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-        )
+        captioner = open_captioner(config)
         try:
             for start in range(0, len(todo), config.batch_size):
                 chunk = todo[start : start + config.batch_size]
@@ -66,6 +83,7 @@ def caption_records(
         "backend": config.backend,
         "model": config.model,
         "revision": config.revision,
+        **({"base_url": config.api_base_url} if config.backend == "openai" else {}),
         "prompt_sha256": stable_hash(config.prompt)[:12],
         "postprocess_version": POSTPROCESS_VERSION,
     }

@@ -57,3 +57,13 @@ def workspace(tmp_path):
 
     return Workspace.at(tmp_path / "workspace")
 
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1, shared by the tests that need a real server and its UI."""
+    from prefect_server import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).wait_ready()
+    yield server
+    server.stop()

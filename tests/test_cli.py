@@ -40,7 +40,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, (argv, result.output)
     summary = json.loads(result.stdout)
-    assert summary["stats"] == {"approved": 10, "pending": 0}
+    assert summary["stats"] == {"approved": 10, "pending": 0, "rejected_by_reviewer": 0}
     records = read_manifest(ws / "manifests" / "review.jsonl")
     assert sum(r.review == "approved" for r in records) == 10
 
