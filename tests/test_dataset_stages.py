@@ -12,7 +12,8 @@ from lorapipe.fsutil import sha256_file
 from lorapipe.images import ImageRejected, load_rgb, open_image, to_rgb
 from tasks.collect import collect_folder
 from tasks.crop import crop_records
-from tasks.dedup import dedup_records, hamming_matrix
+from lorapipe.phash import close_pairs, pack
+from tasks.dedup import dedup_records
 from tasks.validate import validate_records
 
 
@@ -121,9 +122,11 @@ def test_dedup_clusters_exact_and_near_copies_and_keeps_the_largest(tmp_path, wo
     assert stats["exact_duplicates"] == 1 and stats["near_duplicates"] == 1
 
 
-def test_hamming_matrix_counts_bits():
-    distances = hamming_matrix(["0000000000000000", "000000000000000f", "ffffffffffffffff"])
-    assert distances.tolist() == [[0, 4, 64], [4, 0, 60], [64, 60, 0]]
+def test_close_pairs_counts_bits():
+    hashes = pack(["0000000000000000", "000000000000000f", "ffffffffffffffff", "00000000000000ff"])
+    assert close_pairs(hashes, 4).tolist() == [[0, 1], [1, 3]]
+    assert close_pairs(hashes, 8).tolist() == [[0, 1], [0, 3], [1, 3]]
+    assert close_pairs(hashes, 64).shape == (6, 2)
 
 
 def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
@@ -132,7 +135,8 @@ def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
     save(photo(1900, 1000, seed=8), src / "wide.jpg")  # nearest: 1344x768 (1.75:1)
     records, _ = validate_records(collected(src, workspace), workspace, ValidateConfig())
 
-    records, stats = crop_records(records, workspace, CropConfig())
+    config = CropConfig(fallback="center")  # no faces in these: the plain geometry
+    records, stats = crop_records(records, workspace, config)
     by_name = {r.source.split("/")[-1]: r for r in records}
 
     portrait, wide = by_name["portrait.jpg"], by_name["wide.jpg"]
@@ -143,5 +147,6 @@ def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
     assert wide.crop == [75, 0, 1825, 1000]
     assert wide.crop_top_left == [0, round(75 * 768 / 1000)]  # in resized pixels, as SDXL was trained
     assert stats["computed"] == 2
-    _, again = crop_records(records, workspace, CropConfig())
+    assert {r.crop_method for r in records} == {"center"}
+    _, again = crop_records(records, workspace, config)
     assert again["computed"] == 0 and again["reused"] == 2
