@@ -104,7 +104,7 @@ def address_problem(address: str, allow: Iterable = ()) -> str | None:
         ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if any(ip in net for net in allow):
         return None
-    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return f"{ip} is a {kind.replace('_', '-')} address"
     if not ip.is_global:

@@ -102,8 +102,9 @@ def open_image(path: str | Path, max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_
     head = read_head(path)
     fmt = sniff_format(head)
     if fmt is None:
-        raise ImageRejected(f"unsupported: {describe_content(head)}, not an image in an allowed format "
-                            f"({', '.join(ALLOWED_FORMATS)})")
+        what = describe_content(head)
+        allowed = "" if not head else f" (allowed: {', '.join(ALLOWED_FORMATS)})"
+        raise ImageRejected(f"unsupported: {what}{allowed}")
     if fmt not in ALLOWED_FORMATS:
         hint = " (pip install pillow-heif)" if fmt == "HEIF" else ""
         raise ImageRejected(f"unsupported: {fmt} images cannot be read here{hint}")

@@ -243,7 +243,7 @@ def source_fingerprint(source: str, workspace: str, config: CollectConfig) -> li
     cache = ItemCache(Path(workspace) / "cache", "download")
     stored = [cache.get(cache.key(url)) or {} for url in urls]
     pending = any("id" not in s or not (Path(workspace) / s["raw_path"]).exists() for s in stored)
-    return [urls, [s.get("id") for s in stored], time.time() if pending else None]
+    return [urls, [s.get("id") for s in stored], time.time_ns() if pending else None]
 
 
 CODE = code_version(__name__, "lorapipe.archives", "lorapipe.download")

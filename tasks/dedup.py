@@ -1,7 +1,7 @@
 """Dedup: exact copies by sha256, near copies (resized, recompressed, lightly edited) by perceptual hash.
 
 Near duplicates form clusters (connected components of all pairs within the threshold); each cluster
-keeps its best image (largest, then sharpest, then first collected) and records the others as
+keeps its best image (largest, then not blurry, then first collected) and records the others as
 `duplicate_of`. Hashes are cached per image id, computed in a process pool, and compared all-pairs
 with a vectorised popcount (lorapipe/phash.py).
 """
@@ -36,8 +36,13 @@ def attach_hashes(records: list[ImageRecord], indices: list[int], ws: Workspace,
 
 
 def quality(record: ImageRecord, order: int) -> tuple:
-    """Which copy to keep: the most pixels, then the sharpest, then the first collected."""
-    return (record.width * record.height, record.blur_score or 0.0, -order)
+    """Which copy to keep: the most pixels, then a sharp one over a blurry one, then the first collected.
+
+    Sharpness is the validate stage's blur flag, not the raw score: the variance of the Laplacian also
+    rises with contrast and with compression artefacts, so between two copies of one photo a
+    brightened or recompressed copy often scores higher than the original.
+    """
+    return (record.width * record.height, "blurry" not in record.flags, -order)
 
 
 def dedup_records(records: list[ImageRecord], ws: Workspace, config: DedupConfig) -> tuple[list, dict]:
