@@ -40,7 +40,7 @@ def detect_faces(img: Image.Image) -> list[tuple[int, int, int, int]]:
     grey = cv2.equalizeHist(np.asarray(small.convert("L")))
     min_side = max(24, round(min(grey.shape) * 0.05))  # smaller "faces" are mostly texture
     frontal, profile = _cascades()
-    options = {"scaleFactor": 1.1, "minNeighbors": 6, "minSize": (min_side, min_side)}
+    options = {"scaleFactor": 1.1, "minNeighbors": 5, "minSize": (min_side, min_side)}
     found = [tuple(f) for f in frontal.detectMultiScale(grey, **options)]
     if not found:
         found = [tuple(f) for f in profile.detectMultiScale(grey, **options)]

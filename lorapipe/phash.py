@@ -38,10 +38,10 @@ def perceptual_hash(path: str | Path) -> str:
         return str(imagehash.phash(grey))
 
 
-def hash_files(paths: list[str | Path], workers: int = 0) -> list[str]:
-    """pHash of each file, in order; `workers` processes (0: one per core) when there are enough files."""
+def hash_files(paths: list[str | Path], workers: int = 0, pool_min: int = POOL_MIN_IMAGES) -> list[str]:
+    """pHash of each file, in order; `workers` processes (0: one per core) for `pool_min` files or more."""
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(paths) < POOL_MIN_IMAGES:
+    if workers == 1 or len(paths) < pool_min:
         return [perceptual_hash(p) for p in paths]
     # spawn, not fork: the caller may be a threaded Prefect worker, and forking threads can deadlock.
     context = multiprocessing.get_context("spawn")

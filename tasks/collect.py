@@ -117,8 +117,9 @@ def collect_archive(path: str | Path, ws: Workspace, config: CollectConfig) -> t
         new += item.path.name not in before
         records.append(ImageRecord(id=item.sha256, source=source, fetched_at=_stamp(item.path),
                                    raw_path=ws.relative(item.path), size_bytes=item.size))
-    log.info("collected %d members from %s (%d new)", len(records), path, new)
-    return records, {"files": len(records), "computed": new, "reused": len(records) - new}
+    accepted = sum(1 for r in records if r.kept)
+    log.info("collected %d members from %s (%d new, %d rejected)", len(records), path, new, len(records) - accepted)
+    return records, {"files": len(records), "computed": new, "reused": accepted - new}
 
 
 def read_url_list(path: str | Path) -> list[str]:
