@@ -77,23 +77,24 @@ def _failed(source: str, reason: str, fetched_at: str) -> ImageRecord:
                        status="rejected", reason=reason)
 
 
+def copy_in(path: Path, ws: Workspace) -> tuple[ImageRecord, bool]:
+    """One local file into raw/ under its sha256 (unless already there); (record, whether it was new)."""
+    image_id = sha256_file(path)
+    raw = ws.raw / f"{image_id}{path.suffix.lower()}"
+    new = not raw.exists()
+    if new:
+        atomic_copy(path, raw)
+    record = ImageRecord(id=image_id, source=str(path.resolve()), fetched_at=_stamp(raw), raw_path=ws.relative(raw),
+                         size_bytes=path.stat().st_size)
+    return record, new
+
+
 def collect_folder(folder: str | Path, ws: Workspace, config: CollectConfig) -> tuple[list[ImageRecord], dict]:
     records, new = [], 0
     for path in list_source_files(folder, config.recursive):
-        image_id = sha256_file(path)
-        raw = ws.raw / f"{image_id}{path.suffix.lower()}"
-        if not raw.exists():
-            atomic_copy(path, raw)
-            new += 1
-        records.append(
-            ImageRecord(
-                id=image_id,
-                source=str(path.resolve()),
-                fetched_at=_stamp(raw),
-                raw_path=ws.relative(raw),
-                size_bytes=path.stat().st_size,
-            )
-        )
+        record, was_new = copy_in(path, ws)
+        records.append(record)
+        new += was_new
     log.info("collected %d files from %s (%d new, %d already in raw/)", len(records), folder, new, len(records) - new)
     return records, {"files": len(records), "computed": new, "reused": len(records) - new}
 
@@ -201,7 +202,8 @@ def collect_sources(images: str | list[str], ws: Workspace, config: CollectConfi
         elif kind == "archive":
             got, s = collect_archive(source, ws, config)
         elif kind == "file":
-            got, s = collect_file(Path(source), ws)
+            record, new = copy_in(Path(source), ws)
+            got, s = [record], {"files": 1, "computed": int(new), "reused": int(not new)}
         else:
             try:
                 urls = [source] if kind == "url" else read_url_list(source)
@@ -213,17 +215,6 @@ def collect_sources(images: str | list[str], ws: Workspace, config: CollectConfi
             stats[key] += s[key]
     stats["rejected"] = sum(1 for r in records if not r.kept)
     return records, stats
-
-
-def collect_file(path: Path, ws: Workspace) -> tuple[list[ImageRecord], dict]:
-    image_id = sha256_file(path)
-    raw = ws.raw / f"{image_id}{path.suffix.lower()}"
-    new = not raw.exists()
-    if new:
-        atomic_copy(path, raw)
-    record = ImageRecord(id=image_id, source=str(path.resolve()), fetched_at=_stamp(raw), raw_path=ws.relative(raw),
-                         size_bytes=path.stat().st_size)
-    return [record], {"files": 1, "computed": int(new), "reused": int(not new)}
 
 
 def source_fingerprint(source: str, workspace: str, config: CollectConfig) -> list:

@@ -67,6 +67,7 @@ def test_collect_takes_folders_and_archives_together(tmp_path):
     from helpers import jpeg_bytes, photo, save
 
     save(photo(900, 800, seed=1), tmp_path / "photos" / "a.jpg")
+    save(photo(900, 800, seed=4), tmp_path / "single.png")
     with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
         z.writestr("b.jpg", jpeg_bytes(photo(900, 800, seed=2)))
         z.writestr("../../c.jpg", jpeg_bytes(photo(900, 800, seed=3)))
@@ -74,12 +75,13 @@ def test_collect_takes_folders_and_archives_together(tmp_path):
     config.write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
     ws = tmp_path / "ws"
 
-    result = runner.invoke(app, ["collect", str(ws), "--images", str(tmp_path / "photos"), "--images",
-                                 str(tmp_path / "more.zip"), "--config", str(config)])
+    sources = [tmp_path / "photos", tmp_path / "more.zip", tmp_path / "single.png"]
+    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["stats"] == {"files": 3, "computed": 2, "reused": 0, "rejected": 1}
+    assert json.loads(result.stdout)["stats"] == {"files": 4, "computed": 3, "reused": 0, "rejected": 1}
     records = read_manifest(ws / "manifests" / "collect.jsonl")
-    assert [r.reason for r in records] == [None, None, "unsafe: archive member name is path traversal (..)"]
+    assert [r.source.split("/")[-1] for r in records] == ["a.jpg", "b.jpg", "c.jpg", "single.png"]
+    assert [r.reason for r in records] == [None, None, "unsafe: archive member name is path traversal (..)", None]
     assert runner.invoke(app, ["validate", str(ws), "--config", str(config)]).exit_code == 0
 
     result = runner.invoke(app, ["collect", str(ws), "--images", str(tmp_path / "nowhere")])
