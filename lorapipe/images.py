@@ -114,7 +114,8 @@ def open_image(path: str | Path, max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_
             img = Image.open(path, formats=ALLOWED_FORMATS)
             if img.width * img.height > max_pixels:
                 raise ImageRejected(f"too_large: {img.width}x{img.height} > {max_pixels} pixels")
-            frames = getattr(img, "n_frames", 1)
+            # MPO (cameras' JPEG with a preview image inside) is one photo, not an animation.
+            frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
             img.load()
     except ImageRejected:
         raise
