@@ -75,6 +75,7 @@ class DownloadPolicy:
     per_host: int = 2
     allow: list = field(default_factory=list)
     user_agent: str = "lorapipe"
+    verify: object = True  # httpx's `verify`: True (system CAs) or an ssl.SSLContext with other CAs
 
     @classmethod
     def from_config(cls, config) -> "DownloadPolicy":
@@ -201,7 +202,7 @@ class Downloader:
         deadline = time.monotonic() + p.total_timeout
         # One client per attempt and no keep-alive: a pooled connection is keyed by IP, and must never
         # carry a request for another host name (its TLS session was made for the first one's SNI).
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False,
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=p.verify,
                           limits=httpx.Limits(max_keepalive_connections=0)) as client:
             current = url
             for _ in range(MAX_REDIRECTS + 1):
@@ -224,6 +225,8 @@ class Downloader:
                 except httpx.TimeoutException as err:
                     raise DownloadFailed(f"timeout: {type(err).__name__} from {host}", retryable=True) from err
                 except httpx.TransportError as err:
+                    if "CERTIFICATE_VERIFY_FAILED" in str(err):  # will not pass on a second try
+                        raise DownloadFailed(f"tls_error: {host}: {err}") from err
                     raise DownloadFailed(f"unreachable: {host}: {err or type(err).__name__}", retryable=True) from err
                 try:
                     if response.status_code in REDIRECTS and "location" in response.headers:

@@ -42,13 +42,16 @@ def make_corpus(folder):
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "page.jpg").write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
     (folder / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="900"></svg>')
-    (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))
+    (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))  # over twice Pillow's limit: an error
+    (folder / "bomb_warning.png").write_bytes(png_header_only(10_000, 10_000))  # over it: only a warning
     (folder / "notes.dat").write_text("shopping list: film, batteries\n")
     save(photo(300, 300, seed=2), folder / "small.png")
 
     ramp = np.linspace(0, 65535, 800 * 800).reshape(800, 800).astype(np.uint16)
     save(Image.fromarray(ramp), folder / "deep16.png")
     save(photo(900, 800, seed=3).convert("CMYK"), folder / "print.jpg", quality=95)
+    save(photo(900, 800, seed=13), folder / "modern.avif", quality=60, speed=10)
+    save(photo(900, 800, seed=14), folder / "web.webp", quality=80)
     palette = photo(800, 900, seed=4).quantize(64)
     pixels = np.asarray(palette).copy()
     pixels[pixels == 0] = 1
@@ -83,10 +86,13 @@ def make_corpus(folder):
         "page.jpg": "unsupported: an HTML page",
         "logo.svg": "unsupported: an SVG drawing",
         "bomb.png": "too_large:",
+        "bomb_warning.png": "too_large: Image size (100000000 pixels) exceeds limit of 89478485 pixels",
         "notes.dat": "unsupported: a text file",
         "small.png": "too_small: 300x300 < 768 px",
         "deep16.png": None,
         "print.jpg": None,
+        "modern.avif": None,
+        "web.webp": None,
         "palette.png": None,
         "animated.gif": None,
         "rotated.jpg": None,
@@ -188,3 +194,16 @@ def test_archive_caps_stop_bombs(tmp_path, workspace):
     assert records[2].reason == "too_large: the archive unpacks to more than 5000000 bytes"
     records, _ = collect_sources([str(archive)], workspace, CollectConfig(max_file_bytes=1_000_000))
     assert all(r.reason == "too_large: 2000000 bytes unpacked > 1000000" for r in records)
+
+
+def test_heic_without_its_plugin_says_what_to_install(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pillow_heif"):
+        pytest.skip("pillow-heif is installed here: HEIC files are read")
+    from lorapipe.images import ImageRejected, open_image
+
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 100)
+    with pytest.raises(ImageRejected, match=r"unsupported: HEIF images cannot be read here \(pip install pillow-heif\)"):
+        open_image(path)

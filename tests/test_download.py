@@ -196,3 +196,52 @@ def test_url_lists_collect_what_they_can_and_record_the_rest(server, tmp_path, w
     assert [r.model_dump() for r in again] == [r.model_dump() for r in records]
     # While a URL is failing the stage is never served from the Prefect cache: each run retries it.
     assert collect_key(str(urls), str(workspace.root), config) != collect_key(str(urls), str(workspace.root), config)
+
+
+def self_signed_certificate(folder: Path, name: str = "localhost") -> Path:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = folder / "server.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return pem
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path):
+    import ssl
+
+    pem = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(pem)
+    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    trust = ssl.create_default_context(cafile=str(pem))
+    try:
+        pinned = policy(retries=0)
+        pinned.verify = trust
+        # The name goes in SNI and Host, the connection to 127.0.0.1: the certificate for "localhost" checks out.
+        got = Downloader(pinned, tmp_path / "raw").fetch(f"https://localhost:{port}/photo.jpg")
+        assert got.path.read_bytes() == PHOTO
+        # The same server reached by its address: the certificate does not name it, so no download.
+        with pytest.raises(DownloadFailed) as err:
+            Downloader(pinned, tmp_path / "raw").fetch(f"https://127.0.0.1:{port}/photo.jpg")
+        assert err.value.reason.startswith("tls_error: 127.0.0.1:")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
