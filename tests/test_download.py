@@ -22,6 +22,7 @@ PHOTO = jpeg_bytes(photo(800, 800, seed=1))
 
 class Handler(BaseHTTPRequestHandler):
     hits: dict[str, int] = {}
+    host_header: dict[str, str] = {}
     active = 0
     most_active = 0
     lock = threading.Lock()
@@ -42,6 +43,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         with Handler.lock:
             Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
+            Handler.host_header[self.path] = self.headers.get("Host")
             hits = Handler.hits[self.path]
         self.route(path, hits)
 
@@ -236,8 +238,8 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path):
         pinned = policy(retries=0)
         pinned.verify = trust
         # The name goes in SNI and Host, the connection to 127.0.0.1: the certificate for "localhost" checks out.
-        got = Downloader(pinned, tmp_path / "raw").fetch(f"https://localhost:{port}/photo.jpg")
-        assert got.path.read_bytes() == PHOTO
+        got = Downloader(pinned, tmp_path / "raw").fetch(f"https://localhost:{port}/photo.jpg?tls")
+        assert got.path.read_bytes() == PHOTO and Handler.host_header["/photo.jpg?tls"] == f"localhost:{port}"
         # The same server reached by its address: the certificate does not name it, so no download.
         with pytest.raises(DownloadFailed) as err:
             Downloader(pinned, tmp_path / "raw").fetch(f"https://127.0.0.1:{port}/photo.jpg")
