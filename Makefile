@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the whole pipeline offline on the bundled demo.
 # make test: set up .venv and run the test suite (what CI runs, via .ci/run).
+# make bench: the dedup benchmark (lorapipe vs imagededup); prints a table.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 # One thread per process: two torch threads on a busy 2-core box ran tiny training 7-30x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -24,6 +25,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+# The dedup benchmark against imagededup. imagededup goes in with --no-deps: its torchvision
+# requirement would pull a CUDA torch over the CPU one (see benchmarks/dedup_benchmark.py).
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --no-deps imagededup==0.3.3.post2
+	$(PY) benchmarks/dedup_benchmark.py
 
 clean:
 	rm -rf $(VENV) demo workspaces .pytest_cache

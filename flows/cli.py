@@ -6,7 +6,7 @@ import getpass
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from pydantic import ValidationError
@@ -36,6 +36,13 @@ def _overrides(**flags) -> dict:
     return out
 
 
+def _images(images: Optional[List[str]]) -> str | list[str] | None:
+    """One --images stays a plain string (the common case, and the shape of older configs)."""
+    if not images:
+        return None
+    return images[0] if len(images) == 1 else list(images)
+
+
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
     try:
         if config_file:
@@ -48,7 +55,8 @@ def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
 
 @app.command()
 def run(
-    images: Optional[Path] = typer.Option(None, help="Folder of photos of the person"),
+    images: Optional[List[str]] = typer.Option(
+        None, help="Folder, zip/tar archive, URL list (.txt/.csv) or URL of photos; repeat for several"),
     name: Optional[str] = typer.Option(None, help="The person's real name: the trigger in every caption"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the settings"),
     workspace: Optional[Path] = typer.Option(None, help="Where outputs go (default workspaces/<name>)"),
@@ -63,7 +71,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: photos in, a LoRA out."""
     overrides = _overrides(
-        images=str(images) if images else None, name=name, workspace=str(workspace) if workspace else None,
+        images=_images(images), name=name, workspace=str(workspace) if workspace else None,
         train__base_model=base_model, train__vae=vae, caption__model=captioner, train__rank=rank,
         train__epochs=epochs, train__learning_rate=learning_rate, train__micro_batch_size=micro_batch_size,
         train__effective_batch_size=effective_batch_size,
@@ -117,14 +125,21 @@ def _print(result: dict) -> None:
 
 @app.command()
 def collect(
-    workspace: Path, images: Path = typer.Option(..., help="Folder of photos"),
+    workspace: Path,
+    images: Optional[List[str]] = typer.Option(
+        None, help="Folder, zip/tar archive, URL list (.txt/.csv) or URL; repeat for several (default: the config's)"),
     config: Optional[Path] = typer.Option(None, "--config"),
 ) -> None:
-    """Copy photos into WORKSPACE/raw and write the first manifest."""
-    from tasks.collect import run_collect
+    """Copy photos from folders, archives and URLs into WORKSPACE/raw and write the first manifest."""
+    from tasks.collect import resolve_sources, run_collect
 
     ws, cfg = _workspace_config(workspace, config)
-    _print(run_collect(str(images.resolve()), str(ws.root), cfg.dataset.collect))
+    sources = _images(images) or cfg.images
+    try:
+        result = run_collect(resolve_sources(sources), str(ws.root), cfg.dataset.collect)
+    except (FileNotFoundError, ValueError) as err:
+        raise typer.BadParameter(str(err))
+    _print(result)
 
 
 @app.command()

@@ -5,15 +5,13 @@ Flow parameters are the pydantic config models, so the Prefect UI shows them as 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
 from lorapipe.workspace import Workspace
 from tasks.caption import caption_task
-from tasks.collect import collect_task
+from tasks.collect import collect_task, resolve_sources
 from tasks.crop import crop_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
@@ -44,7 +42,7 @@ def dataset_flow(config: PipelineConfig) -> dict:
     tokenizer_from = config.train.base_model
 
     result = _record(stages, "collect", *call_stage(
-        collect_task, ws, images=str(Path(config.images).expanduser().resolve()), config=d.collect, **common))
+        collect_task, ws, images=resolve_sources(config.images), config=d.collect, **common))
     result = _record(stages, "validate", *call_stage(
         validate_task, ws, manifest=result["manifest"], config=d.validate_, **common))
     result = _record(stages, "dedup", *call_stage(dedup_task, ws, manifest=result["manifest"], config=d.dedup, **common))

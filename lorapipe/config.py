@@ -32,13 +32,33 @@ class Strict(BaseModel):
 
 
 class CollectConfig(Strict):
-    recursive: bool = Field(True, description="Look for images in subfolders too")
+    recursive: bool = Field(True, description="Look for images in subfolders (and archive folders) too")
+    max_file_bytes: int = Field(40_000_000, ge=1, description="Largest file taken from a download or an archive")
+    max_archive_bytes: int = Field(
+        2_000_000_000, ge=1, description="Most bytes unpacked from one archive in total (zip bombs stop here)"
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a download's connection")
+    read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for the next bytes of a download")
+    download_timeout: float = Field(300.0, gt=0, description="Most seconds one download may take in all")
+    retries: int = Field(3, ge=0, description="Retries of a download after a timeout, 429 or 5xx answer")
+    backoff_seconds: float = Field(1.0, ge=0, description="First retry's delay; doubles each retry, with jitter")
+    max_retry_after: float = Field(60.0, ge=0, description="Longest Retry-After honoured; longer ones fail the URL")
+    concurrency: int = Field(8, ge=1, description="Downloads at once")
+    per_host_concurrency: int = Field(2, ge=1, description="Downloads at once from one host")
+    allow_addresses: list[str] = Field(
+        default_factory=list,
+        description="Non-public addresses or networks downloads may reach anyway (e.g. 127.0.0.1 for a test server)",
+    )
+    user_agent: str = Field("lorapipe/0.1 (+dataset collection)", description="User-Agent sent with downloads")
 
 
 class ValidateConfig(Strict):
     min_side: int = Field(768, ge=1, description="Reject images whose shorter side is below this many pixels")
     max_pixels: int = Field(
         89_478_485, ge=1, description="Reject larger images (Pillow's decompression-bomb limit) instead of decoding"
+    )
+    blur_threshold: float = Field(
+        15.0, ge=0, description="Flag (but keep) images whose Laplacian variance at 1024 px is below this"
     )
 
 
@@ -49,11 +69,15 @@ class DedupConfig(Strict):
         le=64,
         description="Near duplicates: perceptual hashes at most this many bits apart (resize/recompress moves 0-4)",
     )
+    workers: int = Field(0, ge=0, description="Processes hashing images (0: one per CPU core)")
 
 
 class CropConfig(Strict):
     resolution: int = Field(1024, ge=64, description="Training area is resolution² pixels (SDXL: 1024)")
     bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this")
+    face_aware: bool = Field(True, description="Place crops to keep the largest face inside (OpenCV Haar cascade)")
+    headroom: float = Field(0.4, ge=0, le=2, description="Space kept above a face, in face heights")
+    fallback: Literal["saliency", "center"] = Field("saliency", description="Crop placement when no face is found")
 
 
 class DatasetConfig(Strict):
@@ -170,7 +194,9 @@ class EvaluateConfig(Strict):
 
 class PipelineConfig(Strict):
     name: str = Field(description="The person's real name: the trigger in every caption")
-    images: str = Field(description="Folder of photos")
+    images: str | list[str] = Field(
+        description="Where the photos are: folders, zip/tar archives, URL lists (.txt or .csv with a url column), URLs"
+    )
     workspace: str | None = Field(None, description="Where outputs go (default: workspaces/<name>)")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)

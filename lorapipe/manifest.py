@@ -48,12 +48,17 @@ class ImageRecord(BaseModel):
     format: str | None = None
     mode: str | None = Field(None, description="Pillow mode of the original (RGB, L, RGBA, I;16 ...)")
     phash: str | None = Field(None, description="64-bit perceptual hash as hex")
+    blur_score: float | None = Field(None, description="Variance of the Laplacian at 1024 px: lower is blurrier")
+    flags: list[str] = Field(default_factory=list, description="Kept, but worth a look: 'blurry', 'upscaled' ...")
 
     crop: list[int] | None = Field(None, description="Crop box in oriented original pixels: left, top, right, bottom")
     bucket: str | None = Field(None, description="Training resolution WIDTHxHEIGHT, e.g. 896x1152")
     original_size: list[int] | None = Field(None, description="SDXL size conditioning: [height, width] of the original")
     crop_top_left: list[int] | None = Field(None, description="SDXL crop conditioning: [top, left] in bucket pixels")
     image_path: str | None = Field(None, description="Cropped training image, relative to the workspace")
+    crop_method: Literal["face", "saliency", "center"] | None = Field(None, description="How the crop was placed")
+    face: list[int] | None = Field(None, description="Largest face found: left, top, right, bottom (oriented pixels)")
+    crop_scale: float | None = Field(None, description="Bucket size / crop size: above 1 the crop was upscaled")
 
     caption: str | None = None
     caption_by: dict | None = Field(None, description="Backend, model id and revision, prompt hash")

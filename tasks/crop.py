@@ -1,21 +1,25 @@
-"""Crop: each kept image to the SDXL bucket nearest its aspect ratio (centre crop), saved under images/.
+"""Crop: each kept image to the SDXL bucket nearest its aspect ratio, placed around the largest face.
 
-Records what SDXL's size conditioning needs: the original size and the crop's top-left corner.
+Without a face the crop follows a saliency map, or stays centred; `crop_method` says which. Images
+smaller than their bucket are upscaled (Lanczos) and flagged. Records what SDXL's size conditioning
+needs: the original size and the crop's top-left corner. Results are cached per (image id, settings).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lorapipe.buckets import bucket_name, nearest_bucket, sdxl_buckets
 from lorapipe.config import CropConfig
+from lorapipe.faces import center_crop, crop_size, detect_faces, face_crop, saliency_crop
 from lorapipe.fsutil import atomic_path
-from lorapipe.images import load_rgb
+from lorapipe.images import ALLOWED_FORMATS, to_rgb
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
 from lorapipe.workspace import Workspace
@@ -24,22 +28,43 @@ from tasks.stage import code_version, finish_manifest_stage, manifest_digest, st
 log = logging.getLogger("lorapipe.crop")
 
 
-def center_crop_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The largest box of the bucket's aspect ratio, centred: (left, top, right, bottom) in image pixels."""
-    bw, bh = bucket
-    if width * bh > height * bw:  # image wider than the bucket: trim the sides
-        crop_w = round(height * bw / bh)
-        left = (width - crop_w) // 2
-        return left, 0, left + crop_w, height
-    crop_h = round(width * bh / bw)
-    top = (height - crop_h) // 2
-    return 0, top, width, top + crop_h
+def load_for_crop(path, width: int, height: int, scale: float) -> tuple[Image.Image, float]:
+    """The upright RGB image, decoded no larger than the crop needs (JPEG draft); and its size factor."""
+    with Image.open(path, formats=ALLOWED_FORMATS) as img:
+        if img.format == "JPEG" and scale < 1:
+            stored = img.size
+            img.draft(img.mode, (math.ceil(stored[0] * scale), math.ceil(stored[1] * scale)))
+        img = to_rgb(ImageOps.exif_transpose(img))
+    return img, img.width / width
 
 
-def crop_image(src, dest, box, bucket) -> None:
-    img = load_rgb(src).crop(box).resize(bucket, Image.LANCZOS)
+def plan_and_crop(src, dest: Path, width: int, height: int, bucket: tuple[int, int], config: CropConfig) -> dict:
+    """Find the face, place the crop, write the bucket-sized PNG; returns what the manifest records."""
+    cw, _ = crop_size(width, height, bucket)
+    scale = bucket[0] / cw
+    img, k = load_for_crop(src, width, height, scale)
+    face = None
+    if config.face_aware:
+        faces = detect_faces(img)
+        if faces:
+            face = [min(round(v / k), limit) for v, limit in zip(faces[0], (width, height, width, height))]
+    if face:
+        box, method = face_crop(width, height, bucket, face, config.headroom), "face"
+    elif config.fallback == "saliency":
+        small_box, moved = saliency_crop(img, bucket)
+        box = center_crop(width, height, bucket)
+        if moved:  # the same placement in original pixels (the decoded copy may be smaller)
+            left, top = round(small_box[0] / k), round(small_box[1] / k)
+            left, top = min(left, width - (box[2] - box[0])), min(top, height - (box[3] - box[1]))
+            box = (left, top, left + box[2] - box[0], top + box[3] - box[1])
+        method = "saliency" if moved else "center"
+    else:
+        box, method = center_crop(width, height, bucket), "center"
+    scaled_box = tuple(round(v * k) for v in box)
+    out = img.crop(scaled_box).resize(bucket, Image.LANCZOS, reducing_gap=3.0)
     with atomic_path(dest, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+        out.save(tmp, format="PNG")
+    return {"bucket": bucket_name(bucket), "box": list(box), "method": method, "face": face, "scale": round(scale, 4)}
 
 
 def publish(cached: Path, dest: Path) -> Path:
@@ -58,39 +83,48 @@ def publish(cached: Path, dest: Path) -> Path:
 def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) -> tuple[list, dict]:
     buckets = sdxl_buckets(config.resolution, config.bucket_step)
     cache = ItemCache(ws.cache, "crop")
-    out, upscaled = [], 0
+    out, upscaled, methods = [], 0, {"face": 0, "saliency": 0, "center": 0}
     for record in records:
         if not record.kept:
             out.append(record)
             continue
         bucket = nearest_bucket(record.width, record.height, buckets)
-        box = center_crop_box(record.width, record.height, bucket)
-        scale = bucket[0] / (box[2] - box[0])
-        key = cache.key(record.id, bucket, box, CODE)
+        key = cache.key(record.id, record.width, record.height, config.model_dump(mode="json"), CODE)
         cropped = cache.file(key, ".png")
-        if cache.get(key) is None or not cropped.exists():
-            crop_image(ws.path(record.raw_path), cropped, box, bucket)
-            cache.put(key, {"bucket": bucket_name(bucket), "box": list(box)})
+        plan = cache.get(key)
+        if plan is None or not cropped.exists():
+            plan = plan_and_crop(ws.path(record.raw_path), cropped, record.width, record.height, bucket, config)
+            cache.put(key, plan)
         dest = publish(cropped, ws.images / f"{record.id}.png")
+        box, scale = plan["box"], plan["scale"]
+        flags = [f for f in record.flags if not f.startswith("upscaled")]
         if scale > 1:
             upscaled += 1
-            log.info("%s: upscaled %.2fx to fill %s", record.source, scale, bucket_name(bucket))
+            flags.append(f"upscaled: {scale:.2f}x to fill {plan['bucket']}")
+            log.info("%s: upscaled %.2fx to fill %s", record.source, scale, plan["bucket"])
+        methods[plan["method"]] += 1
         out.append(
             record.model_copy(
                 update={
-                    "crop": list(box),
-                    "bucket": bucket_name(bucket),
+                    "crop": box,
+                    "bucket": plan["bucket"],
                     "original_size": [record.height, record.width],
                     # SDXL's crop conditioning is the offset in the resized image, before cropping.
                     "crop_top_left": [round(box[1] * scale), round(box[0] * scale)],
                     "image_path": ws.relative(dest),
+                    "crop_method": plan["method"],
+                    "face": plan["face"],
+                    "crop_scale": scale,
+                    "flags": flags,
                 }
             )
         )
-    return out, {**cache.stats(), "upscaled": upscaled, "buckets": sorted({r.bucket for r in out if r.kept})}
+    stats = {**cache.stats(), "upscaled": upscaled, **{f"crop_{m}": n for m, n in methods.items()},
+             "buckets": sorted({r.bucket for r in out if r.kept})}
+    return out, stats
 
 
-CODE = code_version(__name__, "lorapipe.buckets", "lorapipe.images")
+CODE = code_version(__name__, "lorapipe.buckets", "lorapipe.images", "lorapipe.faces")
 
 
 def crop_key(manifest: str, workspace: str, config: CropConfig) -> str:

@@ -1,7 +1,9 @@
 """Dedup: exact copies by sha256, near copies (resized, recompressed, lightly edited) by perceptual hash.
 
-Near duplicates form clusters (union of all pairs within the threshold); each cluster keeps its best
-image (largest, then first collected) and records the others as `duplicate_of`.
+Near duplicates form clusters (connected components of all pairs within the threshold); each cluster
+keeps its best image (largest, then not blurry, then first collected) and records the others as
+`duplicate_of`. Hashes are cached per image id, computed in a process pool, and compared all-pairs
+with a vectorised popcount (lorapipe/phash.py).
 """
 
 from __future__ import annotations
@@ -9,48 +11,38 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import imagehash
-import numpy as np
-from PIL import Image, ImageOps
-
 from lorapipe.config import DedupConfig
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
+from lorapipe.phash import close_pairs, clusters, hamming, hash_files, pack
 from lorapipe.workspace import Workspace
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.dedup")
 
 
-def perceptual_hash(path) -> str:
-    """64-bit pHash of the upright image; JPEGs are decoded at reduced size (draft), which moves it <= 2 bits."""
-    with Image.open(path) as img:
-        img.draft("RGB", (256, 256))
-        img = ImageOps.exif_transpose(img).convert("L")
-        return str(imagehash.phash(img))
+def attach_hashes(records: list[ImageRecord], indices: list[int], ws: Workspace, workers: int) -> dict:
+    """Fill in `phash` for records[indices], from the per-image cache or computed in one pool."""
+    cache = ItemCache(ws.cache, "phash")
+    keys = {i: cache.key(records[i].id, HASH_CODE) for i in indices}
+    known = {i: cache.get(keys[i]) for i in indices}
+    missing = [i for i in indices if known[i] is None]
+    for i, value in zip(missing, hash_files([ws.path(records[i].raw_path) for i in missing], workers)):
+        known[i] = {"phash": value}
+        cache.put(keys[i], known[i])
+    for i in indices:
+        records[i] = records[i].model_copy(update={"phash": known[i]["phash"]})
+    return cache.stats()
 
 
-def hamming_matrix(hashes: list[str]) -> np.ndarray:
-    """All-pairs Hamming distances of 64-bit hashes: xor then popcount, vectorised."""
-    values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
-    return np.bitwise_count(values[:, None] ^ values[None, :]).astype(np.int16)
+def quality(record: ImageRecord, order: int) -> tuple:
+    """Which copy to keep: the most pixels, then a sharp one over a blurry one, then the first collected.
 
-
-def clusters(distances: np.ndarray, threshold: int) -> list[list[int]]:
-    parent = list(range(len(distances)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(distances <= threshold, k=1))):
-        parent[root(int(j))] = root(int(i))
-    groups: dict[int, list[int]] = {}
-    for i in range(len(distances)):
-        groups.setdefault(root(i), []).append(i)
-    return list(groups.values())
+    Sharpness is the validate stage's blur flag, not the raw score: the variance of the Laplacian also
+    rises with contrast and with compression artefacts, so between two copies of one photo a
+    brightened or recompressed copy often scores higher than the original.
+    """
+    return (record.width * record.height, "blurry" not in record.flags, -order)
 
 
 def dedup_records(records: list[ImageRecord], ws: Workspace, config: DedupConfig) -> tuple[list, dict]:
@@ -68,37 +60,29 @@ def dedup_records(records: list[ImageRecord], ws: Workspace, config: DedupConfig
         else:
             first_of[record.id] = i
 
-    cache = ItemCache(ws.cache, "phash")
     unique = sorted(first_of.values())
-    for i in unique:
-        key = cache.key(out[i].id, CODE)
-        cached = cache.get(key)
-        if cached is None:
-            cached = {"phash": perceptual_hash(ws.path(out[i].raw_path))}
-            cache.put(key, cached)
-        out[i] = out[i].model_copy(update={"phash": cached["phash"]})
-
+    stats = attach_hashes(out, unique, ws, config.workers)
+    pairs = close_pairs(pack([out[i].phash for i in unique]), config.phash_threshold)
     near = 0
-    if unique:
-        distances = hamming_matrix([out[i].phash for i in unique])
-        for group in clusters(distances, config.phash_threshold):
-            if len(group) < 2:
+    for group in clusters(len(unique), pairs):
+        if len(group) < 2:
+            continue
+        members = [unique[g] for g in group]
+        best = max(members, key=lambda m: quality(out[m], m))
+        for m in members:
+            if m == best:
                 continue
-            members = [unique[g] for g in group]
-            best = max(members, key=lambda m: (out[m].width * out[m].height, -m))
-            for m in members:
-                if m == best:
-                    continue
-                d = int(distances[group[members.index(m)], group[members.index(best)]])
-                log.info("%s: near duplicate of %s (%d bits apart)", out[m].source, out[best].source, d)
-                out[m] = out[m].reject(
-                    f"duplicate_of: {Path(out[best].source).name} (near copy, phash distance {d})", out[best].id
-                )
-                near += 1
-    return out, {**cache.stats(), "exact_duplicates": exact, "near_duplicates": near}
+            d = hamming(out[m].phash, out[best].phash)
+            log.info("%s: near duplicate of %s (%d bits apart)", out[m].source, out[best].source, d)
+            out[m] = out[m].reject(
+                f"duplicate_of: {Path(out[best].source).name} (near copy, phash distance {d})", out[best].id
+            )
+            near += 1
+    return out, {**stats, "exact_duplicates": exact, "near_duplicates": near}
 
 
-CODE = code_version(__name__)
+CODE = code_version(__name__, "lorapipe.phash")
+HASH_CODE = code_version("lorapipe.phash", "lorapipe.images")  # hashes stay valid when only the clustering changes
 
 
 def dedup_key(manifest: str, workspace: str, config: DedupConfig) -> str:

@@ -1,11 +1,15 @@
-"""Validate: decode every collected file fully, upright; reject what cannot be trained on, with the reason."""
+"""Validate: decode every collected file fully, upright; reject what cannot be trained on, with the reason.
+
+Kept images get their size, format and a sharpness score; blurry ones are flagged, not dropped (a
+soft photo of a rare angle can still be worth training on: the person decides).
+"""
 
 from __future__ import annotations
 
 import logging
 
 from lorapipe.config import ValidateConfig
-from lorapipe.images import ImageRejected, open_image
+from lorapipe.images import ImageRejected, blur_score, open_image
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
 from lorapipe.workspace import Workspace
@@ -20,9 +24,16 @@ def inspect_image(path, config: ValidateConfig) -> dict:
         img = open_image(path, max_pixels=config.max_pixels)
     except ImageRejected as err:
         return {"reason": err.reason}
-    facts = {"width": img.width, "height": img.height, "format": img.format, "mode": img.mode, "reason": None}
+    facts = {"width": img.width, "height": img.height, "format": img.format, "mode": img.mode, "reason": None,
+             "flags": []}
     if min(img.size) < config.min_side:
         facts["reason"] = f"too_small: {img.width}x{img.height} < {config.min_side} px"
+        return facts
+    if img.info["frames"] > 1:
+        facts["flags"].append(f"animated: first of {img.info['frames']} frames used")
+    facts["blur_score"] = round(blur_score(img), 2)
+    if facts["blur_score"] < config.blur_threshold:
+        facts["flags"].append("blurry")
     return facts
 
 
@@ -43,8 +54,11 @@ def validate_records(records: list[ImageRecord], ws: Workspace, config: Validate
         if reason:
             log.warning("%s: rejected (%s)", record.source, reason)
             record = record.reject(reason)
+        elif record.flags:
+            log.info("%s: kept, flagged %s (blur score %s)", record.source, ", ".join(record.flags), record.blur_score)
         out.append(record)
-    stats = {**cache.stats(), "rejected": sum(1 for r in out if not r.kept), "kept": sum(1 for r in out if r.kept)}
+    stats = {**cache.stats(), "rejected": sum(1 for r in out if not r.kept), "kept": sum(1 for r in out if r.kept),
+             "blurry": sum(1 for r in out if r.kept and "blurry" in r.flags)}
     return out, stats
 
 

@@ -59,3 +59,31 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
 def test_run_says_which_setting_is_missing():
     result = runner.invoke(app, ["run", "--images", "photos"])
     assert result.exit_code != 0 and "name: Field required" in result.output
+
+
+def test_collect_takes_folders_and_archives_together(tmp_path):
+    import zipfile
+
+    from helpers import jpeg_bytes, photo, save
+
+    save(photo(900, 800, seed=1), tmp_path / "photos" / "a.jpg")
+    save(photo(900, 800, seed=4), tmp_path / "single.png")
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
+        z.writestr("b.jpg", jpeg_bytes(photo(900, 800, seed=2)))
+        z.writestr("../../c.jpg", jpeg_bytes(photo(900, 800, seed=3)))
+    config = tmp_path / "job.yaml"
+    config.write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
+    ws = tmp_path / "ws"
+
+    sources = [tmp_path / "photos", tmp_path / "more.zip", tmp_path / "single.png"]
+    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"] == {"files": 4, "computed": 3, "reused": 0, "rejected": 1}
+    records = read_manifest(ws / "manifests" / "collect.jsonl")
+    assert [r.source.split("/")[-1] for r in records] == ["a.jpg", "b.jpg", "c.jpg", "single.png"]
+    assert [r.reason for r in records] == [None, None, "unsafe: archive member name is path traversal (..)", None]
+    assert runner.invoke(app, ["validate", str(ws), "--config", str(config)]).exit_code == 0
+
+    result = runner.invoke(app, ["collect", str(ws), "--images", str(tmp_path / "nowhere")])
+    message = " ".join(result.output.replace("│", " ").split())  # the error box wraps long lines
+    assert result.exit_code != 0 and "nowhere: no such folder, archive or URL list" in message

@@ -12,7 +12,8 @@ from lorapipe.fsutil import sha256_file
 from lorapipe.images import ImageRejected, load_rgb, open_image, to_rgb
 from tasks.collect import collect_folder
 from tasks.crop import crop_records
-from tasks.dedup import dedup_records, hamming_matrix
+from lorapipe.phash import close_pairs, clusters, hash_files, pack
+from tasks.dedup import dedup_records
 from tasks.validate import validate_records
 
 
@@ -121,9 +122,57 @@ def test_dedup_clusters_exact_and_near_copies_and_keeps_the_largest(tmp_path, wo
     assert stats["exact_duplicates"] == 1 and stats["near_duplicates"] == 1
 
 
-def test_hamming_matrix_counts_bits():
-    distances = hamming_matrix(["0000000000000000", "000000000000000f", "ffffffffffffffff"])
-    assert distances.tolist() == [[0, 4, 64], [4, 0, 60], [64, 60, 0]]
+def test_close_pairs_counts_bits():
+    hashes = pack(["0000000000000000", "000000000000000f", "ffffffffffffffff", "00000000000000ff"])
+    assert close_pairs(hashes, 4).tolist() == [[0, 1], [1, 3]]
+    assert close_pairs(hashes, 8).tolist() == [[0, 1], [0, 3], [1, 3]]
+    assert close_pairs(hashes, 64).shape == (6, 2)
+
+
+def test_near_copies_of_near_copies_are_one_cluster():
+    # 0 and 2 are 16 bits apart, but each is 8 from 1: one cluster, not two pairs.
+    hashes = pack(["0000000000000000", "00000000000000ff", "000000000000ffff", "f0f0f0f0f0f0f0f0"])
+    assert sorted(map(sorted, clusters(4, close_pairs(hashes, 8)))) == [[0, 1, 2], [3]]
+
+
+def test_blocked_threaded_search_finds_exactly_the_close_pairs():
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 2**64 - 1, size=4500, dtype=np.uint64, endpoint=True)
+    for i in range(0, 4500, 97):  # plant near copies across row and column blocks
+        packed[(i * 31 + 4099) % 4500] = packed[i] ^ np.uint64(0b1011 << (i % 50))
+    expected = []
+    for i in range(len(packed)):
+        d = np.bitwise_count(packed[i] ^ packed[i + 1 :])
+        expected += [(i, i + 1 + j) for j in np.nonzero(d <= 6)[0]]
+    found = close_pairs(packed, 6, threads=2)
+    assert sorted(map(tuple, found.tolist())) == sorted(expected) and len(expected) >= 40
+
+
+def test_hashes_from_the_process_pool_match_and_jpegs_hash_like_full_decodes(tmp_path):
+    import imagehash
+
+    paths = [save(photo(1600, 1200, seed=s), tmp_path / f"{s}.jpg", quality=90) for s in range(4)]
+    serial = hash_files(paths, workers=1)
+    assert hash_files(paths, workers=2, pool_min=1) == serial
+    for path, h in zip(paths, serial):  # reduced-size decoding moves the hash by a bit or two at most
+        full = imagehash.phash(Image.open(path).convert("L"))
+        assert (int(str(full), 16) ^ int(h, 16)).bit_count() <= 2
+
+
+def test_dedup_keeps_the_largest_then_the_sharp_copy(tmp_path, workspace):
+    from PIL import ImageFilter
+
+    src = tmp_path / "photos"
+    original = photo(1600, 1200, seed=5)
+    save(original.filter(ImageFilter.GaussianBlur(4)), src / "a_blurred.jpg", quality=95)
+    save(original, src / "b_original.jpg", quality=95)
+    save(original.resize((800, 600), Image.LANCZOS), src / "c_small.jpg", quality=95)
+    records, _ = validate_records(collected(src, workspace), workspace, ValidateConfig(min_side=512))
+    records, stats = dedup_records(records, workspace, DedupConfig())
+    by_name = {r.source.split("/")[-1]: r for r in records}
+    assert by_name["a_blurred.jpg"].flags == ["blurry"] and by_name["b_original.jpg"].kept
+    assert by_name["a_blurred.jpg"].duplicate_of == by_name["c_small.jpg"].duplicate_of == by_name["b_original.jpg"].id
+    assert stats["near_duplicates"] == 2
 
 
 def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
@@ -132,7 +181,8 @@ def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
     save(photo(1900, 1000, seed=8), src / "wide.jpg")  # nearest: 1344x768 (1.75:1)
     records, _ = validate_records(collected(src, workspace), workspace, ValidateConfig())
 
-    records, stats = crop_records(records, workspace, CropConfig())
+    config = CropConfig(fallback="center")  # no faces in these: the plain geometry
+    records, stats = crop_records(records, workspace, config)
     by_name = {r.source.split("/")[-1]: r for r in records}
 
     portrait, wide = by_name["portrait.jpg"], by_name["wide.jpg"]
@@ -143,5 +193,6 @@ def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
     assert wide.crop == [75, 0, 1825, 1000]
     assert wide.crop_top_left == [0, round(75 * 768 / 1000)]  # in resized pixels, as SDXL was trained
     assert stats["computed"] == 2
-    _, again = crop_records(records, workspace, CropConfig())
+    assert {r.crop_method for r in records} == {"center"}
+    _, again = crop_records(records, workspace, config)
     assert again["computed"] == 0 and again["reused"] == 2
