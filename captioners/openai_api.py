@@ -14,11 +14,11 @@ import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 
 import httpx
 from PIL import Image
+
+from lorapipe.download import retry_after_seconds
 
 log = logging.getLogger("lorapipe.caption")
 
@@ -37,21 +37,6 @@ def data_url(image: Image.Image, max_side: int = 1024) -> str:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Retry-After as seconds or as an HTTP date; None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-    except (TypeError, ValueError):
-        return None
 
 
 def drop_unfinished(text: str) -> str:
@@ -114,7 +99,8 @@ class OpenAICaptioner:
                 continue
             if response.status_code in RETRY_STATUS:
                 last_error = f"HTTP {response.status_code}"
-                wait = min(retry_after_seconds(response) or self._backoff(attempt), MAX_WAIT_SECONDS)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"))
+                wait = min(self._backoff(attempt) if retry_after is None else retry_after, MAX_WAIT_SECONDS)
                 log.info("%s: %s, retrying in %.1f s", self.url, last_error, wait)
                 continue
             if response.status_code >= 400:
