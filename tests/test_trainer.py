@@ -226,6 +226,8 @@ def test_loss_on_four_images_falls(trained, dataset, tiny_models):
 
 def test_samples_at_epoch_ends_and_checkpoints_pruned(trained):
     _, result = trained
+    progress = json.loads((Path(result.lora_dir).parent / "progress.json").read_text())
+    assert (progress["step"], progress["total_steps"], progress["epoch"], progress["eta_seconds"]) == (24, 24, 12, 0)
     assert [Path(s).name for s in result.samples] == ["epoch-006.png", "final.png"]
     assert all(Path(s).exists() for s in result.samples)
     checkpoints = sorted(p.name for p in (Path(result.lora_dir).parent / "checkpoints").iterdir())
@@ -307,9 +309,11 @@ def test_edited_caption_recomputes_one_embedding_and_no_latent(trained, dataset)
     config, _ = trained
     root, ws, examples = dataset
     edited = [dataclasses.replace(examples[0], caption=f"{NAME} laughing")] + examples[1:]
-    again = train_lora(edited, config.model_copy(update={"epochs": 1, "sample_prompts": []}), root / "run2", ws.cache)
+    settings = {"epochs": 1, "sample_prompts": [], "holdout_images": 1, "holdout_min_images": 4}
+    again = train_lora(edited, config.model_copy(update=settings), root / "run2", ws.cache)
     assert again.cache["latents"] == {"computed": 0, "reused": 4}
     assert again.cache["text_embeddings"] == {"computed": 1, "reused": 3}
+    assert again.images == 3 and len(again.held_out_losses) == 1  # one image held out, measured each epoch
 
 
 def test_export_refuses_non_finite_weights(tmp_path):

@@ -239,6 +239,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
 
     # 5. The loop.
     skipped, bad_in_a_row = 0, 0
+    started_loop = time.monotonic()
     deadline = started + config.timeout_minutes * 60 if config.timeout_minutes else None
     for step in range(start, len(steps)):
         mine = steps[step][rank::world]
@@ -273,6 +274,9 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         log.info("step %d/%d  loss %.4f  lr %.2e", step + 1, len(steps), step_loss, lr_scheduler.get_last_lr()[0])
+        if accelerator.is_main_process:
+            write_progress(run_dir, step + 1 - start, step + 1, len(steps), epoch_of_step(steps[step], per_epoch),
+                           config.epochs, step_loss, started_loop)
 
         epoch = ends_epoch.get(step)
         done = step + 1 == len(steps)
@@ -311,6 +315,21 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def epoch_of_step(indices: list[int], per_epoch: int) -> int:
+    return indices[-1] // per_epoch + 1
+
+
+def write_progress(run_dir: Path, done_here: int, step: int, total: int, epoch: int, epochs: int, loss: float,
+                   started: float) -> None:
+    """run_dir/progress.json after every optimizer step, for whoever watches (the CLI, Prefect artifacts)."""
+    elapsed = time.monotonic() - started
+    eta = elapsed / done_here * (total - step) if done_here else None
+    atomic_write_json(run_dir / "progress.json", {
+        "step": step, "total_steps": total, "epoch": epoch, "epochs": epochs, "loss": loss,
+        "elapsed_seconds": round(elapsed, 1), "eta_seconds": None if eta is None else round(eta, 1),
+    })
 
 
 @torch.no_grad()
