@@ -20,6 +20,8 @@ def demo_config(photos: Path, workspace: Path, models: TinyModels) -> PipelineCo
             "workspace": str(workspace),
             "dataset": {"crop": {"resolution": 256, "bucket_step": 32}},
             "caption": {"model": str(models.llava), "batch_size": 4, "max_new_tokens": 24, "device": "cpu"},
+            # Unattended: flagged captions are listed in the summary and left out, nobody is waited for.
+            "review": {"approval": "auto"},
             "train": {
                 "base_model": str(models.sdxl),
                 "effective_batch_size": 4,

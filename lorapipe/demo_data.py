@@ -55,7 +55,7 @@ def scenes(count: int = 10, seed: int = 0) -> list[Scene]:
     return [
         Scene(
             clothes=clothes[i % len(clothes)],
-            setting=settings[(i * 5 + 1) % len(settings)],
+            setting=settings[(i * 5 + 1 + i // len(clothes)) % len(settings)],  # no two scenes alike
             smiling=i % 3 != 0,
             size=SIZES[i % len(SIZES)],
             seed=rng.randrange(1 << 30),
@@ -96,7 +96,7 @@ def draw(scene: Scene) -> Image.Image:
     # Sensor noise and a touch of blur, like a photo rather than a drawing.
     noise = rng.normal(0, 6, (h, w, 3))
     arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr).filter(ImageFilter.GaussianBlur(1.2))
+    return Image.fromarray(arr).filter(ImageFilter.GaussianBlur(0.6))
 
 
 def write_if_changed(path: Path, data: bytes) -> None:
@@ -150,7 +150,7 @@ def write_demo_photos(folder: str | Path, count: int = 10, seed: int = 0) -> dic
 
 def extra_photo(folder: str | Path, index: int = 50, seed: int = 7) -> Path:
     """One more distinct portrait, for "add a photo and rerun"."""
-    scene = Scene("green sweater", "at the beach", True, (1024, 1280), seed * 1000 + index)
+    scene = Scene("white t-shirt", "in a kitchen", True, (1024, 1280), seed * 1000 + index)  # unlike the ten
     path = Path(folder) / f"new_portrait_{index}.jpg"
     write_if_changed(path, jpeg_bytes(draw(scene)))
     return path

@@ -174,7 +174,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     info = preflight(examples, holdout, schedule, steps, config, micro_batch_size, memory)
 
     # 3. Caches: the VAE runs in fp32 on the CPU and bf16 on the GPU (fp16 overflows in SDXL's VAE).
-    parts.vae.to(device, dtype=weight_dtype)
+    place(parts.vae, device, weight_dtype)
     latent_cache = TensorCache(cache_dir / "latents")
     latents = cache_latents(examples + holdout, parts.vae, latent_cache, identity, device, weight_dtype)
     scaling_factor = parts.vae.config.scaling_factor
