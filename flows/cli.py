@@ -175,7 +175,8 @@ def caption(workspace: Path, config: Optional[Path] = typer.Option(None, "--conf
     from tasks.caption import run_caption
 
     ws, cfg = _workspace_config(workspace, config)
-    _print(run_caption(_input_manifest(ws, "caption"), str(ws.root), cfg.caption, cfg.name, cfg.train.base_model))
+    _print(run_caption(_input_manifest(ws, "caption"), str(ws.root), cfg.caption, cfg.name,
+                       cfg.train.tokenizer_source))
 
 
 @app.command()
@@ -201,7 +202,7 @@ def review(
                               run_review, waiting_for_review, write_review_csv)
 
     ws, cfg = _workspace_config(workspace, config)
-    args = (_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.base_model)
+    args = (_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.tokenizer_source)
     result = run_review(*args)
     records = read_manifest(result["manifest"])
     decision = decision_from_sidecars(records, ws, reviewer)

@@ -39,7 +39,7 @@ def dataset_flow(config: PipelineConfig) -> dict:
     ws = Workspace.at(config.workspace_path())
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     d, common, stages = config.dataset, {"workspace": str(ws.root)}, {}
-    tokenizer_from = config.train.base_model
+    tokenizer_from = config.train.tokenizer_source
 
     result = _record(stages, "collect", *call_stage(
         collect_task, ws, images=resolve_sources(config.images), config=d.collect, **common))

@@ -136,6 +136,9 @@ class ReviewConfig(Strict):
 
 class TrainConfig(Strict):
     base_model: str = Field(SDXL_BASE, description="Hub id, local diffusers folder, or one .safetensors checkpoint")
+    base_model_config: str | None = Field(
+        None, description="For a single-file checkpoint: the diffusers folder or hub id describing it (default SDXL base)"
+    )
     revision: str | None = Field(None, description="Pin a hub revision")
     vae: str | None = Field(None, description="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix")
     rank: int = Field(8, ge=1, description="LoRA rank (8 is enough for a person)")
@@ -180,6 +183,12 @@ class TrainConfig(Strict):
     timeout_minutes: float | None = Field(None, gt=0, description="Stop (and let the retry resume) after this long")
     num_processes: int = Field(1, ge=1, description="GPUs to train on (more than 1: accelerate launch, DDP)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the CLIP tokenizer comes from: a single file carries none, its config folder does."""
+        single_file = self.base_model.endswith((".safetensors", ".ckpt"))
+        return (self.base_model_config or SDXL_BASE) if single_file else self.base_model
 
 
 class EvaluateConfig(Strict):

@@ -130,26 +130,27 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
 
     tokenizer = train_clip_tokenizer()
     tokenizer_2 = train_clip_tokenizer()
-    hidden, projection, time_dim = 32, 32, 8
+    # Two widths, as in SDXL (768 and 1280): loaders tell the encoders apart by it.
+    hidden, hidden_2, time_dim = 32, 48, 8
 
-    def text_config(act: str) -> CLIPTextConfig:
+    def text_config(act: str, width: int) -> CLIPTextConfig:
         return CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=3,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act=act,
-            projection_dim=projection,
+            projection_dim=width,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(text_config("quick_gelu"))  # CLIP ViT-L's activation
-    text_encoder_2 = CLIPTextModelWithProjection(text_config("gelu"))  # OpenCLIP bigG's
+    text_encoder = CLIPTextModel(text_config("quick_gelu", hidden))  # CLIP ViT-L's activation
+    text_encoder_2 = CLIPTextModelWithProjection(text_config("gelu", hidden_2))  # OpenCLIP bigG's
     unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
@@ -161,10 +162,10 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         transformer_layers_per_block=(1, 2, 2),
         attention_head_dim=(2, 4, 4),
         use_linear_projection=True,
-        cross_attention_dim=2 * hidden,
+        cross_attention_dim=hidden + hidden_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + projection,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
     )
     vae = AutoencoderKL(
         in_channels=3,

@@ -29,6 +29,7 @@ def run_evaluate(lora_file: str, workspace: str, config: EvaluateConfig, train: 
     before, after = compare_with_and_without(
         train.base_model, lora_file, prompts, config.seed, config.steps, config.guidance_scale,
         (resolution, resolution), revision=train.revision, vae=train.vae, device=train.device,
+        single_file_config=train.base_model_config,
     )
     difference = mean_abs_difference(before, after)
     dest = ws.runs / f"samples-{Path(lora_file).stem}-{key[:8]}.png"

@@ -43,11 +43,14 @@ def lineage(records, name: str, train_result: dict, train_config: TrainConfig) -
 
 def unet_layers_per_block(config: TrainConfig) -> int:
     """The SGM block numbering depends on it (2 for SDXL); single files are SDXL by definition here."""
+    source = config.base_model
     if is_single_file(config.base_model):
-        return 2
+        if not config.base_model_config:
+            return 2
+        source = config.base_model_config
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.load_config(config.base_model, subfolder="unet", revision=config.revision)
+    unet = UNet2DConditionModel.load_config(source, subfolder="unet", revision=config.revision)
     return int(unet["layers_per_block"])
 
 

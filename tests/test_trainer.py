@@ -413,3 +413,23 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     ckpt.write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="model.ckpt: only .safetensors"):
         load_sdxl(str(ckpt))
+
+
+def test_a_single_file_checkpoint_trains_like_its_diffusers_folder(tiny_models, dataset, tmp_path):
+    """Users download one .safetensors (SGM layout); it must load offline given a config folder, and train."""
+    from sgm_checkpoint import write_sgm_checkpoint
+    from trainer.models import load_sdxl
+
+    checkpoint = write_sgm_checkpoint(tiny_models.sdxl, tmp_path / "tiny-sdxl.safetensors")
+    from_file = load_sdxl(str(checkpoint), single_file_config=str(tiny_models.sdxl))
+    from_folder = load_sdxl(str(tiny_models.sdxl))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(from_file, part).state_dict(), getattr(from_folder, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+    root, ws, examples = dataset
+    config = TrainConfig(base_model=str(checkpoint), base_model_config=str(tiny_models.sdxl), epochs=1,
+                         effective_batch_size=4, device="cpu", sample_prompts=[])
+    assert config.tokenizer_source == str(tiny_models.sdxl)
+    result = train_lora(examples, config, tmp_path / "run", ws.cache)
+    assert result.steps == 1 and Path(result.lora_dir, LORA_WEIGHTS).exists()

@@ -135,7 +135,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     examples, holdout = split_holdout(examples, config.holdout_images, config.holdout_min_images, config.seed)
 
     # 2. Models and LoRA adapters, on the CPU: the plan is printed before any GPU work.
-    parts = load_sdxl(config.base_model, config.revision, config.vae)
+    parts = load_sdxl(config.base_model, config.revision, config.vae, config.base_model_config)
     identity = model_identity(config.base_model, config.revision, config.vae)
     unet = parts.unet
     param_groups = [{"params": add_lora(unet, config.rank, config.alpha, UNET_TARGETS[config.targets]),

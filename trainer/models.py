@@ -35,15 +35,20 @@ def is_single_file(base_model: str) -> bool:
     return Path(base_model).suffix in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"}
 
 
-def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = None) -> SDXLParts:
-    """All the parts training needs, frozen, on the CPU in fp32 (the caller moves and casts them)."""
+def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = None,
+              single_file_config: str | None = None) -> SDXLParts:
+    """All the parts training needs, frozen, on the CPU in fp32 (the caller moves and casts them).
+
+    A single-file checkpoint takes its component configs from `single_file_config` (a diffusers folder
+    or hub id); without one, diffusers fetches SDXL base's from the hub.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if is_single_file(base_model):
         if Path(base_model).suffix != ".safetensors":
             raise ValueError(f"{base_model}: only .safetensors checkpoints are loaded (pickle files can run code)")
-        pipe = StableDiffusionXLPipeline.from_single_file(base_model)
+        pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config)
         parts = SDXLParts(
             pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
             DDPMScheduler.from_config(pipe.scheduler.config), dict(pipe.scheduler.config),

@@ -12,7 +12,8 @@ from lorapipe.devices import resolve_device
 from trainer.models import is_single_file
 
 
-def load_pipeline(base_model: str, revision: str | None = None, vae: str | None = None, device: str = "auto"):
+def load_pipeline(base_model: str, revision: str | None = None, vae: str | None = None, device: str = "auto",
+                  single_file_config: str | None = None):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     device = resolve_device(device)
@@ -21,7 +22,7 @@ def load_pipeline(base_model: str, revision: str | None = None, vae: str | None 
     if vae:
         kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
     if is_single_file(base_model):
-        pipe = StableDiffusionXLPipeline.from_single_file(base_model, **kwargs)
+        pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config, **kwargs)
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(base_model, revision=revision, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -82,9 +83,10 @@ def training_samples(parts, unet, text_encoders, templates: list[str], name: str
 def compare_with_and_without(
     base_model: str, lora_file: str | Path, prompts: list[str], seed: int, steps: int, guidance_scale: float,
     size: tuple[int, int], revision: str | None = None, vae: str | None = None, device: str = "auto",
+    single_file_config: str | None = None,
 ):
     """Render the prompts with the base model, load the LoRA, render again: (before, after)."""
-    pipe = load_pipeline(base_model, revision, vae, device)
+    pipe = load_pipeline(base_model, revision, vae, device, single_file_config)
     before = render(pipe, prompts, seed, steps, guidance_scale, size)
     lora_file = Path(lora_file)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
