@@ -434,3 +434,21 @@ def test_a_single_file_checkpoint_trains_like_its_diffusers_folder(tiny_models, 
     assert config.tokenizer_source == str(tiny_models.sdxl)
     result = train_lora(examples, config, tmp_path / "run", ws.cache)
     assert result.steps == 1 and Path(result.lora_dir, LORA_WEIGHTS).exists()
+
+
+def test_checkpointing_min_snr_noise_offset_and_a_vae_override_train(dataset, tiny_models, tmp_path):
+    root, ws, examples = dataset
+    config = TrainConfig(base_model=str(tiny_models.sdxl), vae=str(tiny_models.sdxl / "vae"), epochs=1,
+                         effective_batch_size=4, gradient_checkpointing=True, min_snr_gamma=5.0, noise_offset=0.05,
+                         lr_scheduler="cosine", lr_warmup_steps=1, device="cpu", sample_prompts=[])
+    result = train_lora(examples[:2], config, tmp_path / "run", ws.cache)
+    assert result.steps == 1 and np.isfinite(result.final_loss)
+
+
+def test_non_finite_losses_abort_with_a_clear_error(dataset, tiny_models, tmp_path):
+    root, ws, examples = dataset
+    config = TrainConfig(base_model=str(tiny_models.sdxl), epochs=4, effective_batch_size=1, micro_batch_size=1,
+                         noise_offset=float("inf"), device="cpu", sample_prompts=[])
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row had a non-finite loss"):
+        train_lora(examples[:1], config, tmp_path / "run", ws.cache)
+    assert not (tmp_path / "run" / "lora").exists()
