@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -17,11 +20,12 @@ runner = CliRunner()
 
 def test_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("run", "demo", "collect", "validate", "dedup", "crop", "caption", "review", "train"):
+    for command in ("run", "demo", "serve", "collect", "validate", "dedup", "crop", "caption", "review", "train",
+                    "export", "evaluate"):
         assert command in out.stdout
 
 
-def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
+def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefect_harness):
     photos, _ = demo_photos
     ws = tmp_path / "ws"
     config = tmp_path / "job.yaml"
@@ -29,6 +33,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
         f"name: Jane Doe\nimages: {photos}\ndataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
         f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n  device: cpu\n"
+        "evaluate:\n  steps: 2\n  prompts: ['a photo of {name}']\n"
     )
     result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
     assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output
@@ -53,6 +58,18 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
     assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
+
+    # export and evaluate run alone too: export writes the trained LoRA again, evaluate renders the grid.
+    for lora in (ws / "loras").iterdir():
+        lora.unlink()
+    result = runner.invoke(app, ["export", str(ws)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["lora"].startswith(str(ws / "loras" / "jane-doe-"))
+    assert (ws / "loras" / "jane-doe.safetensors").exists()
+    result = runner.invoke(app, ["evaluate", str(ws)])
+    assert result.exit_code == 0, result.output
+    grid = json.loads(result.stdout)["samples"]
+    assert Path(grid).exists() and Image.open(grid).size == (256, 512)  # base row over LoRA row, one prompt
     shutil.rmtree(ws)
 
 
@@ -61,7 +78,7 @@ def test_run_says_which_setting_is_missing():
     assert result.exit_code != 0 and "name: Field required" in result.output
 
 
-def test_collect_takes_folders_and_archives_together(tmp_path):
+def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
     import zipfile
 
     from helpers import jpeg_bytes, photo, save
