@@ -31,8 +31,8 @@ def nightly(config: PipelineConfig) -> dict:
     collected, _ = run_stage("collect", config, ws)
     last = last_trained(ws)
     if last and last["fingerprint"] == training_fingerprint(ws, collected["manifest"], config):
-        photos = sum(r.kept for r in read_manifest(collected["manifest"]))
-        message = (f"{NOTHING_NEW}: the {photos} photos, review decisions and settings are those "
+        files = sum(r.kept for r in read_manifest(collected["manifest"]))
+        message = (f"{NOTHING_NEW}: the {files} files collected, the review decisions and the settings are those "
                    f"{last['lora_latest']} was trained from")
         logger.info(message)
         publish(MarkdownArtifact(key=f"{slugify(config.name)}-nightly", description=NOTHING_NEW,

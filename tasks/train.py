@@ -88,12 +88,17 @@ def run_trainer(job: Job, progress_key: str | None = None) -> dict:
     watch.read_if_changed()  # a resumed run's old progress is not news
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc, \
             StageProgress("train", 1, "steps", key=progress_key, log_every=3600) as progress:
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            log.info("%s", line.rstrip())
+        def report() -> None:
             if (p := watch.read_if_changed()) is not None:
                 progress.update(p["step"], p["total_steps"], epoch=f"{p['epoch']}/{p['epochs']}", loss=p["loss"],
                                 eta_seconds=p["eta_seconds"])
+
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log.info("%s", line.rstrip())
+            report()
+        proc.wait()
+        report()  # the last step's progress.json is written after its log line
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
     return json.loads((job.run_dir / "train_result.json").read_text())
