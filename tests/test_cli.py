@@ -104,3 +104,24 @@ def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
     result = runner.invoke(app, ["collect", str(ws), "--images", str(tmp_path / "nowhere")])
     message = " ".join(result.output.replace("│", " ").split())  # the error box wraps long lines
     assert result.exit_code != 0 and "nowhere: no such folder, archive or URL list" in message
+
+
+def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefect_server, tmp_path):
+    from helpers import photo, save
+    from served import api
+
+    for seed in (1, 2):
+        save(photo(900, 800, seed=seed), tmp_path / "photos" / f"{seed}.jpg")
+    (tmp_path / "job.yaml").write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
+    lorapipe = str(Path(sys.executable).with_name("lorapipe"))
+    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml")],
+                          env=prefect_server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["stats"]["files"] == 2
+
+    with api(prefect_server) as client:
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["stage"])))
+    [run] = [r for r in runs if r.parameters["config"]["images"] == str(tmp_path / "photos")]
+    assert run.name == "collect" and run.state.is_completed()

@@ -134,6 +134,8 @@ def test_run_form_in_a_browser_starts_a_run_that_completes(served, first_run, tm
         epochs = page.get_by_text("Epochs (Optional)", exact=True)
         epochs.wait_for(timeout=60_000)
         assert "The person's real name: the trigger in every caption" in page.inner_text("body")  # descriptions
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1000)  # the form fades in
         page.screenshot(path=tmp_path / "run-form.png")  # the top of the form: name, photos, workspace...
         if os.environ.get("LORAPIPE_UPDATE_SCREENSHOTS"):
             shutil.copy(tmp_path / "run-form.png", DOCS / "run-form.png")
