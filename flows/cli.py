@@ -166,28 +166,23 @@ def collect(
     _stage("collect", workspace, config, **({"images": sources} if sources else {}))
 
 
-@app.command()
-def validate(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Decode every collected file; reject unreadable and too-small images with the reason."""
-    _stage("validate", workspace, config)
+def _stage_command(stage: str, doc: str) -> None:
+    """`lorapipe <stage> WORKSPACE [--config job.yaml]`: the stages that need nothing but the workspace."""
+
+    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
+        _stage(stage, workspace, config)
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
 
 
-@app.command()
-def dedup(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Drop exact and near duplicates (perceptual hash), keeping the best of each cluster."""
-    _stage("dedup", workspace, config)
-
-
-@app.command()
-def crop(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Crop kept images to their SDXL buckets into WORKSPACE/images."""
-    _stage("crop", workspace, config)
-
-
-@app.command()
-def caption(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Caption the cropped images with the configured VLM (a progress bar in a terminal)."""
-    _stage("caption", workspace, config)
+for _name, _doc in {
+    "validate": "Decode every collected file; reject unreadable and too-small images with the reason.",
+    "dedup": "Drop exact and near duplicates (perceptual hash), keeping the best of each cluster.",
+    "crop": "Crop kept images to their SDXL buckets into WORKSPACE/images.",
+    "caption": "Caption the cropped images with the configured VLM (a progress bar in a terminal).",
+}.items():
+    _stage_command(_name, _doc)
 
 
 @app.command()
@@ -245,22 +240,12 @@ def review(
             "manifest": result["manifest"], "resumed_flow_run": resumed})
 
 
-@app.command()
-def train(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl) and export it to loras/."""
-    _stage("train", workspace, config)
-
-
-@app.command()
-def export(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Write the trained LoRA again (kohya and diffusers files in WORKSPACE/loras), e.g. after deleting them."""
-    _stage("export", workspace, config)
-
-
-@app.command()
-def evaluate(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-    """Render the evaluation prompts with and without WORKSPACE/loras/<name>.safetensors into one grid."""
-    _stage("evaluate", workspace, config)
+for _name, _doc in {
+    "train": "Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl) and export it to loras/.",
+    "export": "Write the trained LoRA again (kohya and diffusers files in WORKSPACE/loras), e.g. after deleting them.",
+    "evaluate": "Render the evaluation prompts with and without WORKSPACE/loras/<name>.safetensors into one grid.",
+}.items():
+    _stage_command(_name, _doc)
 
 
 @app.command()

@@ -9,7 +9,6 @@ import re
 import subprocess
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from PIL import Image
 

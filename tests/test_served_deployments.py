@@ -239,6 +239,7 @@ def test_new_photo_needing_review_suspends_the_nightly_notifies_and_trains_after
     photo = extra_photo(served.config.images)
     config = served.config.model_dump(mode="json", by_alias=True)
     config["review"]["approval"] = "all"  # every caption needs a person: the run must wait for one
+    config["train"]["epochs"] = 1  # the retrain is what is tested, not its length
     with api(served.server) as client:
         run_id = trigger(client, served.deployments["nightly"], {"config": config})
         run = wait_until(client, run_id, lambda s: s.is_paused() or s.is_final(), timeout=300, what="Suspended")
