@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -282,8 +283,23 @@ def serve(
     serve_deployments(defaults, schedule, gpu_slots or None, notify)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: while a progress bar is drawn, that is rich's proxy,
+    which prints the line above the bar instead of through it. (Prefect replaces root handlers whose class
+    name starts with "_", so this one has a public name.)"""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[CurrentStderrHandler()])
     for noisy in ("httpx", "httpcore", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     app()

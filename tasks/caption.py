@@ -84,7 +84,7 @@ def raw_captions(records: list[ImageRecord], ws: Workspace, config: CaptionConfi
                     cache.put(keys[i], {"raw": answer, **captioner.identity})  # saved as we go: a crash keeps them
                 done = start + len(chunk)
                 rate = done / (time.monotonic() - started)
-                progress.update(done, images_per_second=round(rate, 2), eta_seconds=(len(todo) - done) / rate)
+                progress.update(done, speed=f"{rate:.2f} images/s", eta_seconds=(len(todo) - done) / rate)
     finally:
         captioner.close()
     return raw, todo

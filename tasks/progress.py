@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger("lorapipe.progress")
 
@@ -81,7 +81,7 @@ class StageProgress:
         self._bar = None
         if console.is_terminal:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[numbers]}"), TimeRemainingColumn(), console=console,
+                                 TextColumn("{task.fields[numbers]}"), TimeElapsedColumn(), console=console,
                                  transient=False)
             self._bar_task = self._bar.add_task(stage, total=total, numbers="")
 
@@ -108,7 +108,7 @@ class StageProgress:
         finished = done >= self.total
         if finished or now - self._last_log >= self.log_every:
             self._last_log = now
-            log.info("%s: %s", self.stage, self._description())
+            log.info("%s", self._description())
         if self._artifact_id and (finished or now - self._last_artifact >= self.artifact_every):
             self._last_artifact = now
             self._push()
