@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,14 +13,13 @@ import typer
 from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
-from lorapipe.config import PipelineConfig, deep_merge, load_config
+from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config
 from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
-STAGE_INPUT = {"validate": "collect", "dedup": "validate", "crop": "dedup", "caption": "crop", "review": "caption",
-               "train": "review"}
+CONFIG_HELP = "YAML settings, merged over the workspace's config.json (and remembered)"
 
 
 def _overrides(**flags) -> dict:
@@ -80,11 +80,21 @@ def run(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo photos and workspace")) -> None:
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for the demo photos and workspace"),
+    prepare_only: bool = typer.Option(
+        False, "--prepare-only", help="Only build the tiny models and photos and write OUT/job.yaml (for the UI)"),
+) -> None:
     """The offline demo: tiny models and drawn photos, the whole pipeline on the CPU."""
-    from flows.demo import prepare_demo
+    from flows.demo import prepare_demo, write_job_file
 
-    _run(prepare_demo(out))
+    config = prepare_demo(out)
+    if prepare_only:
+        job = write_job_file(config, out / "job.yaml")
+        typer.echo(f"{job} written: `lorapipe run --config {job}`, or serve it to the UI with "
+                   f"`lorapipe serve --config {job}`")
+        return
+    _run(config)
 
 
 def _run(config: PipelineConfig) -> None:
@@ -112,15 +122,37 @@ def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Wor
     return ws, config
 
 
-def _input_manifest(ws: Workspace, stage: str) -> str:
-    path = ws.latest_manifest(STAGE_INPUT[stage])
-    if not path.exists():
-        raise typer.BadParameter(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
-    return str(path)
+def _input_manifest(ws: Workspace, stage: str, config: PipelineConfig) -> str:
+    from flows.stages import MissingInput, input_for
+
+    try:
+        return input_for(stage, ws, config)[0]
+    except MissingInput as err:
+        raise typer.BadParameter(str(err))
 
 
 def _print(result: dict) -> None:
     typer.echo(json.dumps({k: v for k, v in result.items() if k not in {"losses"}}, indent=2, default=str))
+
+
+def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides) -> None:
+    """Run one stage as a one-task flow (cached; visible in the UI when PREFECT_API_URL is set)."""
+    from flows.stages import stage_flow
+
+    ws, cfg = _workspace_config(workspace, config_file)
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    # A missing input is a usage error, said before any flow starts.
+    if stage == "collect":
+        from tasks.collect import resolve_sources, source_kind
+
+        try:
+            [source_kind(source) for source in resolve_sources(cfg.images)]
+        except FileNotFoundError as err:
+            raise typer.BadParameter(str(err))
+    else:
+        _input_manifest(ws, stage, cfg)
+    _print(stage_flow(stage, cfg))
 
 
 @app.command()
@@ -128,55 +160,30 @@ def collect(
     workspace: Path,
     images: Optional[List[str]] = typer.Option(
         None, help="Folder, zip/tar archive, URL list (.txt/.csv) or URL; repeat for several (default: the config's)"),
-    config: Optional[Path] = typer.Option(None, "--config"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings (remembered by the workspace)"),
 ) -> None:
     """Copy photos from folders, archives and URLs into WORKSPACE/raw and write the first manifest."""
-    from tasks.collect import resolve_sources, run_collect
-
-    ws, cfg = _workspace_config(workspace, config)
-    sources = _images(images) or cfg.images
-    try:
-        result = run_collect(resolve_sources(sources), str(ws.root), cfg.dataset.collect)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err))
-    _print(result)
+    sources = _images(images)
+    _stage("collect", workspace, config, **({"images": sources} if sources else {}))
 
 
-@app.command()
-def validate(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Decode every collected file; reject unreadable and too-small images with the reason."""
-    from tasks.validate import run_validate
+def _stage_command(stage: str, doc: str) -> None:
+    """`lorapipe <stage> WORKSPACE [--config job.yaml]`: the stages that need nothing but the workspace."""
 
-    ws, cfg = _workspace_config(workspace, config)
-    _print(run_validate(_input_manifest(ws, "validate"), str(ws.root), cfg.dataset.validate_))
+    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
+        _stage(stage, workspace, config)
 
-
-@app.command()
-def dedup(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Drop exact and near duplicates (perceptual hash), keeping the best of each cluster."""
-    from tasks.dedup import run_dedup
-
-    ws, cfg = _workspace_config(workspace, config)
-    _print(run_dedup(_input_manifest(ws, "dedup"), str(ws.root), cfg.dataset.dedup))
+    command.__doc__ = doc
+    app.command(name=stage)(command)
 
 
-@app.command()
-def crop(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Crop kept images to their SDXL buckets into WORKSPACE/images."""
-    from tasks.crop import run_crop
-
-    ws, cfg = _workspace_config(workspace, config)
-    _print(run_crop(_input_manifest(ws, "crop"), str(ws.root), cfg.dataset.crop))
-
-
-@app.command()
-def caption(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Caption the cropped images with the configured VLM."""
-    from tasks.caption import run_caption
-
-    ws, cfg = _workspace_config(workspace, config)
-    _print(run_caption(_input_manifest(ws, "caption"), str(ws.root), cfg.caption, cfg.name,
-                       cfg.train.tokenizer_source))
+for _name, _doc in {
+    "validate": "Decode every collected file; reject unreadable and too-small images with the reason.",
+    "dedup": "Drop exact and near duplicates (perceptual hash), keeping the best of each cluster.",
+    "crop": "Crop kept images to their SDXL buckets into WORKSPACE/images.",
+    "caption": "Caption the cropped images with the configured VLM (a progress bar in a terminal).",
+}.items():
+    _stage_command(_name, _doc)
 
 
 @app.command()
@@ -202,7 +209,7 @@ def review(
                               run_review, waiting_for_review, write_review_csv)
 
     ws, cfg = _workspace_config(workspace, config)
-    args = (_input_manifest(ws, "review"), str(ws.root), cfg.review, cfg.name, cfg.train.tokenizer_source)
+    args = (_input_manifest(ws, "review", cfg), str(ws.root), cfg.review, cfg.name, cfg.train.tokenizer_source)
     result = run_review(*args)
     records = read_manifest(result["manifest"])
     decision = decision_from_sidecars(records, ws, reviewer)
@@ -234,22 +241,65 @@ def review(
             "manifest": result["manifest"], "resumed_flow_run": resumed})
 
 
-@app.command()
-def train(workspace: Path, config: Optional[Path] = typer.Option(None, "--config")) -> None:
-    """Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl) and export it to loras/."""
-    from tasks.export import run_export
-    from tasks.train import run_train
+for _name, _doc in {
+    "train": "Train the LoRA on the reviewed manifest (WORKSPACE/manifests/review.jsonl) and export it to loras/.",
+    "export": "Write the trained LoRA again (kohya and diffusers files in WORKSPACE/loras), e.g. after deleting them.",
+    "evaluate": "Render the evaluation prompts with and without WORKSPACE/loras/<name>.safetensors into one grid.",
+}.items():
+    _stage_command(_name, _doc)
 
-    ws, cfg = _workspace_config(workspace, config)
-    manifest = _input_manifest(ws, "train")
-    trained = run_train(manifest, str(ws.root), cfg.train, cfg.name)
-    exported = run_export(trained["lora_file"], manifest, str(ws.root), cfg.name, trained, cfg.train,
-                          cfg.dataset.crop.resolution)
-    _print({**trained, "exported": exported["lora"], "latest": exported["latest"]})
+
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="YAML settings: the run form's defaults and the nightly retrain's parameters"),
+    nightly_cron: str = typer.Option(NightlyConfig().cron, help="When the nightly retrain starts (cron)"),
+    timezone: str = typer.Option(NightlyConfig().timezone, help="Time zone of the cron, e.g. Europe/Berlin"),
+    no_nightly: bool = typer.Option(False, "--no-nightly", help="Create the nightly deployment unscheduled"),
+    gpu_slots: int = typer.Option(1, help="GPU task runs at once on this server (a `gpu` tag concurrency limit; "
+                                          "0 leaves the limit alone)"),
+    notify: Optional[str] = typer.Option(
+        None, help="Notification block TYPE/NAME (e.g. slack-webhook/team) told when captions wait for review"),
+) -> None:
+    """Serve the deployments (pipeline, dataset, train, nightly) from this process, for the Prefect UI.
+
+    Needs a server: `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
+    """
+    import os
+
+    from deployments.serve import serve_deployments
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise typer.BadParameter("no Prefect server: run `prefect server start`, then "
+                                     "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    try:
+        schedule = NightlyConfig(cron=nightly_cron, timezone=timezone, active=not no_nightly)
+    except ValidationError as err:
+        raise typer.BadParameter("; ".join(e["msg"] for e in err.errors()))
+    defaults = _config(config, {}) if config else None
+    serve_deployments(defaults, schedule, gpu_slots or None, notify)
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: while a progress bar is drawn, that is rich's proxy,
+    which prints the line above the bar instead of through it. (Prefect replaces root handlers whose class
+    name starts with "_", so this one has a public name.)"""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[CurrentStderrHandler()])
     for noisy in ("httpx", "httpcore", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     app()

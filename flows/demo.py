@@ -36,6 +36,16 @@ def demo_config(photos: Path, workspace: Path, models: TinyModels) -> PipelineCo
     )
 
 
+def write_job_file(config: PipelineConfig, path: str | Path) -> Path:
+    """The demo's settings as a job file: only what differs from the defaults, in the shape of the flow's form."""
+    import yaml
+
+    from lorapipe.fsutil import atomic_write_text
+
+    settings = config.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    return atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
+
+
 def prepare_demo(out: str | Path, models_root: str | Path | None = None) -> PipelineConfig:
     out = Path(out).resolve()
     models = ensure_tiny_models(models_root)

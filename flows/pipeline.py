@@ -7,20 +7,15 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.artifacts import publish_dataset, publish_training
+from flows.fanout import fan_out_captions
+from flows.review import ask_a_person
+from flows.stages import input_for, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
+from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
-from tasks.caption import caption_task
-from tasks.collect import collect_task, resolve_sources
-from tasks.crop import crop_task
-from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
-from flows.review import ask_a_person
-from tasks.review import record_decisions_task, review_task
-from tasks.stage import call_stage
-from tasks.train import train_task
-from tasks.validate import validate_task
+from tasks.review import record_decisions_task
 
 
 def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
@@ -38,42 +33,42 @@ def dataset_flow(config: PipelineConfig) -> dict:
     """Collect, validate, dedup, crop, caption and review: a workspace of approved training images."""
     ws = Workspace.at(config.workspace_path())
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
-    d, common, stages = config.dataset, {"workspace": str(ws.root)}, {}
-    tokenizer_from = config.train.tokenizer_source
-
-    result = _record(stages, "collect", *call_stage(
-        collect_task, ws, images=resolve_sources(config.images), config=d.collect, **common))
-    result = _record(stages, "validate", *call_stage(
-        validate_task, ws, manifest=result["manifest"], config=d.validate_, **common))
-    result = _record(stages, "dedup", *call_stage(dedup_task, ws, manifest=result["manifest"], config=d.dedup, **common))
-    result = _record(stages, "crop", *call_stage(crop_task, ws, manifest=result["manifest"], config=d.crop, **common))
-    result = _record(stages, "caption", *call_stage(
-        caption_task, ws, manifest=result["manifest"], config=config.caption, name=config.name,
-        tokenizer_from=tokenizer_from, **common))
-    review = {"manifest": result["manifest"], "config": config.review, "name": config.name,
-              "tokenizer_from": tokenizer_from, **common}
-    result = _record(stages, "review", *call_stage(review_task, ws, **review))
+    stages: dict = {}
+    result = _record(stages, "collect", *run_stage("collect", config, ws))
+    collected = result["manifest"]
+    for stage in ("validate", "dedup", "crop"):
+        result = _record(stages, stage, *run_stage(stage, config, ws, result["manifest"]))
+    if fanned := fan_out_captions(ws, result["manifest"], config):
+        stages["caption-fan-out"] = {"cached": False, "stats": fanned}
+    result = _record(stages, "caption", *run_stage("caption", config, ws, result["manifest"]))
+    captioned = result["manifest"]
+    result = _record(stages, "review", *run_stage("review", config, ws, captioned))
+    publish_dataset(config.name, result["manifest"])  # before any wait: the reviewer sees the caption table
     if result["stats"]["pending"] and config.review.approval != "auto":
         decision = ask_a_person(ws, result["manifest"], config.review)
         if decision:
             record_decisions_task(manifest=result["manifest"], workspace=str(ws.root), decision=decision)
-            result = _record(stages, "review", *call_stage(review_task, ws, **review))
-    return {"workspace": str(ws.root), "manifest": result["manifest"], "stages": stages}
+            result = _record(stages, "review", *run_stage("review", config, ws, captioned))
+            publish_dataset(config.name, result["manifest"])
+    return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "stages": stages}
 
 
 @flow(name="train")
-def train_flow(config: PipelineConfig, manifest: str) -> dict:
-    """Train a LoRA on a reviewed manifest, export it, and render samples with and without it."""
+def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
+    """Train a LoRA on a reviewed manifest, export it, and render samples with and without it.
+
+    Args:
+        config: The pipeline's settings (the workspace to train from, and the recipe)
+        manifest: A reviewed manifest; empty: the workspace's latest (WORKSPACE/manifests/review.jsonl)
+    """
     ws = Workspace.at(config.workspace_path())
-    common, stages = {"workspace": str(ws.root)}, {}
-    train = _record(stages, "train", *call_stage(train_task, ws, manifest=manifest, config=config.train,
-                                                 name=config.name, **common))
-    export = _record(stages, "export", *call_stage(
-        export_task, ws, lora_file=train["lora_file"], manifest=manifest, name=config.name, train_result=train,
-        train_config=config.train, resolution=config.dataset.crop.resolution, **common))
-    evaluate = _record(stages, "evaluate", *call_stage(
-        evaluate_task, ws, lora_file=export["lora"], config=config.evaluate, train=config.train, name=config.name,
-        resolution=config.dataset.crop.resolution, **common))
+    if manifest is None:
+        manifest, _ = input_for("train", ws, config)
+    stages: dict = {}
+    train = _record(stages, "train", *run_stage("train", config, ws, manifest))
+    export = _record(stages, "export", *run_stage("export", config, ws, manifest, train=train))
+    evaluate = _record(stages, "evaluate", *run_stage("evaluate", config, ws, lora_file=export["lora"]))
+    publish_training(config.name, train, export, evaluate, stages)
     return {"train": train, "export": export, "evaluate": evaluate, "stages": stages}
 
 
@@ -82,7 +77,7 @@ def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
     dataset = dataset_flow(config)
     trained = train_flow(config, dataset["manifest"])
-    return {
+    result = {
         "name": config.name,
         "workspace": dataset["workspace"],
         "manifest": dataset["manifest"],
@@ -96,3 +91,8 @@ def pipeline(config: PipelineConfig) -> dict:
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},
     }
+    ws = Workspace.at(dataset["workspace"])
+    # What this LoRA was trained from: the nightly retrain compares against it (lorapipe/retrain.py).
+    record_trained(ws, training_fingerprint(ws, dataset["collected"], config),
+                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")})
+    return result

@@ -9,15 +9,17 @@ from __future__ import annotations
 import pydantic
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
+from prefect._flow_run_suspension import raise_if_flow_run_suspension_requested  # 3.9: no public equivalent
+from prefect.exceptions import FlowPauseTimeout, Pause
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
-from prefect.input import RunInput
+from prefect.input import RunInput, keyset_from_base_key, read_flow_run_input
 
 from lorapipe.config import ReviewConfig
 from lorapipe.fsutil import atomic_write_json, stable_hash
 from lorapipe.manifest import read_manifest
 from lorapipe.review_decisions import ReviewDecision
 from lorapipe.workspace import Workspace
+from tasks.progress import root_flow_run_id
 from tasks.review import review_markdown, waiting_for_review
 
 PAUSE_FILE = "review-pause.json"
@@ -40,28 +42,63 @@ def ask_a_person(ws: Workspace, manifest: str, config: ReviewConfig) -> ReviewDe
     records = read_manifest(manifest)
     waiting = waiting_for_review(records)
     context = FlowRunContext.get()
+    # The run a person started: the review is often in a subflow (pipeline → dataset), and only a
+    # top-level run of a deployment can be suspended and started again.
+    root = context.flow_run if not context.flow_run.parent_task_run_id else _read_flow_run(root_flow_run_id())
     wait = config.wait
-    if wait == "auto":  # suspending frees the worker, but only a deployment can be started again
-        wait = "suspend" if context and context.flow_run.deployment_id else "pause"
+    if wait == "auto":  # suspending frees the worker (and the GPU machine), but only a deployment can restart
+        wait = "suspend" if root.deployment_id else "pause"
     key = "review-" + stable_hash([(r.id, r.caption) for r in waiting])[:16]
-    atomic_write_json(ws.root / PAUSE_FILE, {"flow_run_id": str(context.flow_run.id), "key": key,
+    waiting_run = root if wait == "suspend" else context.flow_run
+    atomic_write_json(ws.root / PAUSE_FILE, {"flow_run_id": str(waiting_run.id), "key": key,
                                              "waiting": len(waiting)})
     logger.warning(
         "%d captions wait for a person: open this run in the Prefect UI and press Resume, or run "
         "`lorapipe review %s` in a terminal", len(waiting), ws.root,
     )
-    pause = suspend_flow_run if wait == "suspend" else pause_flow_run
+    form = input_type_with(review_markdown(records))
+    timeout = int(config.timeout_hours * 3600)
     try:
-        answer = pause(wait_for_input=input_type_with(review_markdown(records)),
-                       timeout=int(config.timeout_hours * 3600), key=key)
+        if wait == "pause":
+            answer = pause_flow_run(wait_for_input=form, timeout=timeout, key=key)
+        elif waiting_run is context.flow_run:
+            answer = suspend_flow_run(wait_for_input=form, timeout=timeout, key=key)
+        else:
+            answer = suspend_parent_run(waiting_run.id, form, timeout, key)
+    except Pause:
+        raise  # suspended: the pause file tells `lorapipe review` which run to resume
     except FlowPauseTimeout:
+        (ws.root / PAUSE_FILE).unlink(missing_ok=True)
         if config.on_timeout == "fail":
             raise RuntimeError(f"nobody reviewed {len(waiting)} captions within {config.timeout_hours} hours")
         logger.warning("nobody reviewed the captions in time: training on the approved ones only")
         return None
-    finally:
-        (ws.root / PAUSE_FILE).unlink(missing_ok=True)
+    (ws.root / PAUSE_FILE).unlink(missing_ok=True)
     return ReviewDecision.model_validate(answer.model_dump(include=set(ReviewDecision.model_fields)))
+
+
+def suspend_parent_run(run_id, form: type[ReviewInput], timeout: int, key: str) -> ReviewInput:
+    """Suspend the run a person started from inside its subflow; after the resume, return their answer.
+
+    Prefect (3.9) suspends another run and stops this process at the next step (a Pause), but keeps the form
+    and reads the answer under the *current* (sub)flow run, which a restarted run no longer has: the form
+    and the answer are kept under the suspended run itself, where the UI's Resume dialog looks.
+    """
+    keyset = keyset_from_base_key(f"suspended-{key}")  # what Prefect names a Suspended state's inputs
+    answer = read_flow_run_input(keyset["response"], flow_run_id=run_id)
+    if answer is not None:  # resumed: this run restarted from the top and reached the same review again
+        return form(**answer)
+    suspend_flow_run(wait_for_input=form, flow_run_id=run_id, timeout=timeout, key=key)
+    form.save(keyset, flow_run_id=run_id)
+    raise_if_flow_run_suspension_requested()  # Pause: this process ends; the run waits, holding nothing
+    raise RuntimeError(f"flow run {run_id} could not be suspended for the review")
+
+
+def _read_flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
 
 
 def resume_paused_run(ws: Workspace, reviewer: str) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorapipe.workspace import slugify
 
@@ -153,13 +153,14 @@ class TrainConfig(Strict):
         "auto", description="auto: the fastest exact Lion (lorapipe's multi-tensor Lion); bnb-lion8bit is not exact"
     )
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay (Lion)")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "constant", description="How the learning rate changes over training")
     lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps (constant_with_warmup, cosine, linear)")
     effective_batch_size: int = Field(64, ge=1, description="Images per optimizer step, by gradient accumulation")
     micro_batch_size: int | Literal["auto"] = Field(
         4, description="Images per forward pass; 'auto' probes the largest that fits in GPU memory"
     )
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(12, ge=1, description="Passes over the training images (12 for ~200 photos)")
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch")
     min_bucket_images: int = Field(2, ge=1, description="Smaller buckets are merged into the nearest larger one")
     mixed_precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 on GPU; the CPU always uses fp32")
@@ -201,20 +202,53 @@ class EvaluateConfig(Strict):
     guidance_scale: float = 5.0
 
 
+class ScaleOutConfig(Strict):
+    task_runner: Literal["none", "dask", "ray"] = Field(
+        "none", description="Fan captioning out over a Dask or Ray cluster (prefect-dask / prefect-ray); none: in-process"
+    )
+    address: str | None = Field(
+        None, description="Scheduler of a running cluster, e.g. tcp://10.0.0.5:8786 (Dask) or ray://head:10001; "
+        "empty: start a local one"
+    )
+    workers: int = Field(2, ge=1, description="Worker processes of the local cluster (when no address is given)")
+    chunk_size: int = Field(32, ge=1, description="Images per captioning task sent to the cluster")
+
+
 class PipelineConfig(Strict):
     name: str = Field(description="The person's real name: the trigger in every caption")
     images: str | list[str] = Field(
         description="Where the photos are: folders, zip/tar archives, URL lists (.txt or .csv with a url column), URLs"
     )
-    workspace: str | None = Field(None, description="Where outputs go (default: workspaces/<name>)")
+    workspace: str | None = Field(
+        None, description="Where outputs go (default: under workspaces/, named after the person: workspaces/jane-doe)")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    scale_out: ScaleOutConfig = Field(default_factory=ScaleOutConfig)
 
     def workspace_path(self) -> Path:
         return Path(self.workspace) if self.workspace else Path("workspaces") / slugify(self.name)
+
+
+class NightlyConfig(Strict):
+    """The nightly retrain's schedule (a deployment setting, not a run parameter)."""
+
+    cron: str = Field("0 3 * * *", description="When the nightly retrain starts (cron: minute hour day month weekday)")
+    timezone: str = Field("UTC", description="IANA time zone the cron is read in, e.g. Europe/Berlin")
+    active: bool = Field(True, description="Off: the nightly deployment exists but is not scheduled")
+
+    @field_validator("timezone")
+    @classmethod
+    def known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
 
 
 def load_config(path: str | Path, **overrides) -> PipelineConfig:

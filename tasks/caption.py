@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from captioners import clip_token_counter, finish_caption, load_captioner
 from captioners.postprocess import POSTPROCESS_VERSION
@@ -18,7 +21,8 @@ from lorapipe.config import CaptionConfig
 from lorapipe.fsutil import stable_hash
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
-from lorapipe.workspace import Workspace
+from lorapipe.workspace import Workspace, slugify
+from tasks.progress import StageProgress
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.caption")
@@ -58,25 +62,39 @@ def open_captioner(config: CaptionConfig):
     )
 
 
-def caption_records(
-    records: list[ImageRecord], ws: Workspace, config: CaptionConfig, name: str, tokenizer_from: str
-) -> tuple[list, dict]:
+def raw_captions(records: list[ImageRecord], ws: Workspace, config: CaptionConfig,
+                 progress_key: str | None = None) -> tuple[dict[int, str], list[int]]:
+    """The model's answer for every kept record, from the per-image cache or the model; (answers, computed)."""
     cache = ItemCache(ws.cache, "captions")
     keys = {i: raw_caption_key(r, config) for i, r in enumerate(records) if r.kept}
     raw = {i: entry["raw"] for i, key in keys.items() if (entry := cache.get(key)) is not None}
     todo = [i for i in keys if i not in raw]
-    if todo:
-        log.info("captioning %d images with %s (%d cached)", len(todo), config.model, len(raw))
-        captioner = open_captioner(config)
-        try:
+    if not todo:
+        return raw, todo
+    log.info("captioning %d images with %s (%d cached)", len(todo), config.model, len(raw))
+    captioner = open_captioner(config)
+    started = time.monotonic()  # after loading: the rate (and so the ETA) is the model's, not the disk's
+    try:
+        with StageProgress("caption", len(todo), "images", key=progress_key) as progress:
             for start in range(0, len(todo), config.batch_size):
                 chunk = todo[start : start + config.batch_size]
                 images = [Image.open(ws.path(records[i].image_path)).convert("RGB") for i in chunk]
                 for i, answer in zip(chunk, captioner.describe(images, config.prompt)):
                     raw[i] = answer
                     cache.put(keys[i], {"raw": answer, **captioner.identity})  # saved as we go: a crash keeps them
-        finally:
-            captioner.close()
+                done = start + len(chunk)
+                rate = done / (time.monotonic() - started)
+                progress.update(done, speed=f"{rate:.2f} images/s", eta_seconds=(len(todo) - done) / rate)
+    finally:
+        captioner.close()
+    return raw, todo
+
+
+def caption_records(
+    records: list[ImageRecord], ws: Workspace, config: CaptionConfig, name: str, tokenizer_from: str
+) -> tuple[list, dict]:
+    keys = [i for i, r in enumerate(records) if r.kept]
+    raw, todo = raw_captions(records, ws, config, progress_key=f"{slugify(name)}-caption-progress")
 
     count_tokens = clip_token_counter(tokenizer_from) if keys else None
     caption_by = {
@@ -110,3 +128,25 @@ def run_caption(manifest: str, workspace: str, config: CaptionConfig, name: str,
 
 # The in-process VLM holds the GPU: the tag lets a Prefect concurrency limit keep GPU stages apart.
 caption_task = stage_task(run_caption, caption_key, name="caption", tags=["gpu"])
+
+
+def uncaptioned_ids(manifest: str, workspace: str, config: CaptionConfig) -> list[str]:
+    """Ids of kept images the per-image cache has no answer for: the work a fan-out has to share."""
+    cache = ItemCache(Workspace.at(workspace).cache, "captions")
+    return [r.id for r in read_manifest(manifest) if r.kept and cache.get(raw_caption_key(r, config)) is None]
+
+
+def run_caption_chunk(manifest: str, workspace: str, config: CaptionConfig, ids: list[str]) -> dict:
+    """Caption some of a manifest's images into the per-image cache (one task of a fan-out).
+
+    The caption stage that follows finds every answer cached and only finishes the captions.
+    """
+    wanted = set(ids)
+    records = [r for r in read_manifest(manifest) if r.id in wanted]
+    _, computed = raw_captions(records, Workspace.at(workspace), config)
+    return {"images": len(records), "computed": len(computed), "pid": os.getpid()}
+
+
+# Not tagged "gpu": the chunks run on the cluster's workers, each with its own GPU (see README, Scale-out).
+caption_chunk_task = task(run_caption_chunk, name="caption-chunk", cache_policy=NO_CACHE, retries=2,
+                          retry_delay_seconds=5)

@@ -13,10 +13,12 @@ import os
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 
 from lorapipe.config import TrainConfig
 from lorapipe.manifest import ImageRecord, read_manifest
-from lorapipe.workspace import Workspace
+from lorapipe.workspace import Workspace, slugify
+from tasks.progress import StageProgress
 from tasks.stage import code_version, manifest_digest, stage_key, stage_task
 from trainer.data import Example
 from trainer.job import Job
@@ -51,16 +53,52 @@ def trainer_command(job_file, config: TrainConfig) -> list[str]:
     return [sys.executable, "-m", "trainer", str(job_file)]
 
 
-def run_trainer(job: Job) -> dict:
-    """Run the job in a child process, its output in our log; the result is the run's train_result.json."""
+class ProgressFile:
+    """The trainer's progress.json (rewritten atomically after every optimizer step), read when it changes."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "progress.json"
+        self.seen: int | None = None
+
+    def read_if_changed(self) -> dict | None:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if stamp == self.seen:
+            return None
+        self.seen = stamp
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):  # replaced between stat and read: the next line brings the next one
+            return None
+
+
+def run_trainer(job: Job, progress_key: str | None = None) -> dict:
+    """Run the job in a child process, its output in our log; the result is the run's train_result.json.
+
+    The trainer logs a line per optimizer step; after each line its progress.json is checked and, when it
+    changed, reported (progress artifact, terminal bar, log line) with epoch, step, loss and ETA.
+    """
     job_file = job.write()
     command = trainer_command(job_file, job.config)
     tail: deque[str] = deque(maxlen=30)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    watch = ProgressFile(job.run_dir)
+    watch.read_if_changed()  # a resumed run's old progress is not news
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc, \
+            StageProgress("train", 1, "steps", key=progress_key, log_every=3600) as progress:
+        def report() -> None:
+            if (p := watch.read_if_changed()) is not None:
+                progress.update(p["step"], p["total_steps"], epoch=f"{p['epoch']}/{p['epochs']}", loss=p["loss"],
+                                eta_seconds=p["eta_seconds"])
+
         for line in proc.stdout:
             tail.append(line.rstrip())
             log.info("%s", line.rstrip())
+            report()
+        proc.wait()
+        report()  # the last step's progress.json is written after its log line
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
     return json.loads((job.run_dir / "train_result.json").read_text())
@@ -73,14 +111,25 @@ def train_key(manifest: str, workspace: str, config: TrainConfig, name: str) -> 
     return stage_key("train", CODE, manifest_digest(manifest), workspace, config, name)
 
 
+def _stage_result(key: str, run_dir: Path, result: dict) -> dict:
+    lora_file = f"{result.pop('lora_dir')}/{LORA_WEIGHTS}"
+    return {"stage": "train", "key": key, "run_dir": str(run_dir), "lora_file": lora_file, **result,
+            "outputs": [lora_file]}
+
+
 def run_train(manifest: str, workspace: str, config: TrainConfig, name: str) -> dict:
     ws = Workspace.at(workspace)
     key = train_key(manifest, workspace, config, name)
     job = Job(training_examples(read_manifest(manifest), ws), config, ws.runs / key[:16], ws.cache, name, key)
-    result = run_trainer(job)
-    lora_file = f"{result.pop('lora_dir')}/{LORA_WEIGHTS}"
-    return {"stage": "train", "key": key, "run_dir": str(job.run_dir), "lora_file": lora_file, **result,
-            "outputs": [lora_file]}
+    return _stage_result(key, job.run_dir, run_trainer(job, progress_key=f"{slugify(name)}-train-progress"))
+
+
+def trained_run(manifest: str, workspace: str, config: TrainConfig, name: str) -> dict | None:
+    """What run_train returned for this manifest and config, if that run finished (for `lorapipe export`)."""
+    key = train_key(manifest, workspace, config, name)
+    run_dir = Workspace.at(workspace).runs / key[:16]
+    done = run_dir / "train_result.json"
+    return _stage_result(key, run_dir, json.loads(done.read_text())) if done.exists() else None
 
 
 # retries=1: a crash or timeout reruns the job, which resumes from its last checkpoint.

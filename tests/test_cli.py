@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -17,11 +20,12 @@ runner = CliRunner()
 
 def test_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("run", "demo", "collect", "validate", "dedup", "crop", "caption", "review", "train"):
+    for command in ("run", "demo", "serve", "collect", "validate", "dedup", "crop", "caption", "review", "train",
+                    "export", "evaluate"):
         assert command in out.stdout
 
 
-def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
+def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefect_harness):
     photos, _ = demo_photos
     ws = tmp_path / "ws"
     config = tmp_path / "job.yaml"
@@ -29,6 +33,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
         f"name: Jane Doe\nimages: {photos}\ndataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
         f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n  device: cpu\n"
+        "evaluate:\n  steps: 2\n  prompts: ['a photo of {name}']\n"
     )
     result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
     assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output
@@ -53,6 +58,18 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models):
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
     assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
+
+    # export and evaluate run alone too: export writes the trained LoRA again, evaluate renders the grid.
+    for lora in (ws / "loras").iterdir():
+        lora.unlink()
+    result = runner.invoke(app, ["export", str(ws)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["lora"].startswith(str(ws / "loras" / "jane-doe-"))
+    assert (ws / "loras" / "jane-doe.safetensors").exists()
+    result = runner.invoke(app, ["evaluate", str(ws)])
+    assert result.exit_code == 0, result.output
+    grid = json.loads(result.stdout)["samples"]
+    assert Path(grid).exists() and Image.open(grid).size == (256, 512)  # base row over LoRA row, one prompt
     shutil.rmtree(ws)
 
 
@@ -61,7 +78,7 @@ def test_run_says_which_setting_is_missing():
     assert result.exit_code != 0 and "name: Field required" in result.output
 
 
-def test_collect_takes_folders_and_archives_together(tmp_path):
+def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
     import zipfile
 
     from helpers import jpeg_bytes, photo, save
@@ -87,3 +104,24 @@ def test_collect_takes_folders_and_archives_together(tmp_path):
     result = runner.invoke(app, ["collect", str(ws), "--images", str(tmp_path / "nowhere")])
     message = " ".join(result.output.replace("│", " ").split())  # the error box wraps long lines
     assert result.exit_code != 0 and "nowhere: no such folder, archive or URL list" in message
+
+
+def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefect_server, tmp_path):
+    from helpers import photo, save
+    from served import api
+
+    for seed in (1, 2):
+        save(photo(900, 800, seed=seed), tmp_path / "photos" / f"{seed}.jpg")
+    (tmp_path / "job.yaml").write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
+    lorapipe = str(Path(sys.executable).with_name("lorapipe"))
+    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml")],
+                          env=prefect_server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["stats"]["files"] == 2
+
+    with api(prefect_server) as client:
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["stage"])))
+    [run] = [r for r in runs if r.parameters["config"]["images"] == str(tmp_path / "photos")]
+    assert run.name == "collect" and run.state.is_completed()

@@ -1,0 +1,102 @@
+"""Each stage's Prefect task and its arguments, built from the one config, for the flows and the CLI.
+
+`lorapipe dedup WS` runs the `stage` flow below: one stage as a one-task flow, so a stage run alone is
+cached like the pipeline's and shows up in the Prefect UI when PREFECT_API_URL points at a server
+(ephemeral mode otherwise: no server needed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from lorapipe.config import PipelineConfig
+from lorapipe.workspace import Workspace, slugify
+from tasks.caption import caption_task
+from tasks.collect import collect_task, resolve_sources
+from tasks.crop import crop_task
+from tasks.dedup import dedup_task
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.review import review_task
+from tasks.stage import call_stage
+from tasks.train import train_task, trained_run
+from tasks.validate import validate_task
+
+Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "train", "export", "evaluate"]
+
+# Which stage's manifest a stage reads (collect reads the sources; evaluate reads the exported LoRA).
+STAGE_INPUT = {"validate": "collect", "dedup": "validate", "crop": "dedup", "caption": "crop", "review": "caption",
+               "train": "review", "export": "review"}
+
+
+def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None, **extra):
+    """(task, keyword arguments) for one stage; `extra` carries what only the flow knows (a train result)."""
+    common = {"workspace": str(ws.root)}
+    d = config.dataset
+    if stage == "collect":
+        return collect_task, {"images": resolve_sources(config.images), "config": d.collect, **common}
+    if stage in ("validate", "dedup", "crop"):
+        task = {"validate": validate_task, "dedup": dedup_task, "crop": crop_task}[stage]
+        return task, {"manifest": manifest, "config": getattr(d, "validate_" if stage == "validate" else stage),
+                      **common}
+    if stage in ("caption", "review"):
+        task = caption_task if stage == "caption" else review_task
+        if stage == "caption" and config.caption.backend != "transformers":
+            task = caption_task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
+        return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
+                      "tokenizer_from": config.train.tokenizer_source, **common}
+    if stage == "train":
+        return train_task, {"manifest": manifest, "config": config.train, "name": config.name, **common}
+    if stage == "export":
+        train = extra["train"]
+        return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
+                             "train_result": train, "train_config": config.train,
+                             "resolution": config.dataset.crop.resolution, **common}
+    if stage == "evaluate":
+        return evaluate_task, {"lora_file": extra["lora_file"], "config": config.evaluate, "train": config.train,
+                               "name": config.name, "resolution": config.dataset.crop.resolution, **common}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def run_stage(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None,
+              **extra) -> tuple[dict, bool]:
+    task, kwargs = stage_call(stage, config, ws, manifest, **extra)
+    return call_stage(task, ws, **kwargs)
+
+
+class MissingInput(ValueError):
+    """A stage was asked for before the stage it reads from has run."""
+
+
+def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str | None, dict]:
+    """The manifest (and extras) a stage run alone reads: the latest output of the stage before it."""
+    if stage == "collect":
+        return None, {}
+    if stage == "evaluate":
+        lora = ws.loras / f"{slugify(config.name)}.safetensors"
+        if not lora.exists():
+            raise MissingInput(f"{lora} does not exist: run `lorapipe train` first")
+        return None, {"lora_file": str(lora)}
+    path = ws.latest_manifest(STAGE_INPUT[stage])
+    if not path.exists():
+        raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
+    if stage == "export":
+        train = trained_run(str(path), str(ws.root), config.train, config.name)
+        if train is None:
+            raise MissingInput(f"no finished training for {path} with these settings: run `lorapipe train` first")
+        return str(path), {"train": train}
+    return str(path), {}
+
+
+@flow(name="stage", flow_run_name="{stage}")
+def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
+    """One stage on a workspace, reading the previous stage's latest manifest (`lorapipe <stage> WS`)."""
+    ws = Workspace.at(config.workspace_path())
+    manifest, extra = input_for(stage, ws, config)
+    result, cached = run_stage(stage, config, ws, manifest, **extra)
+    if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
+        exported, _ = run_stage("export", config, ws, manifest, train=result)
+        result = {**result, "exported": exported["lora"], "latest": exported["latest"]}
+    return {**result, "cached": cached}
