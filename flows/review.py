@@ -6,6 +6,8 @@ WORKSPACE` resumes the same run from a terminal.
 
 from __future__ import annotations
 
+import logging
+
 import pydantic
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
@@ -22,6 +24,7 @@ from lorapipe.workspace import Workspace
 from tasks.progress import root_flow_run_id
 from tasks.review import review_markdown, waiting_for_review
 
+log = logging.getLogger("lorapipe.review")
 PAUSE_FILE = "review-pause.json"
 
 
@@ -116,12 +119,6 @@ def resume_paused_run(ws: Workspace, reviewer: str) -> str | None:
         resume_flow_run(flow_run_id, run_input=ReviewDecision(reviewer=reviewer).model_dump())
     except (ObjectNotFound, RuntimeError) as err:  # gone, or no longer paused
         pause.unlink(missing_ok=True)
-        get_logger().warning("could not resume flow run %s: %s", flow_run_id, err)
+        log.warning("could not resume flow run %s: %s", flow_run_id, err)
         return None
     return flow_run_id
-
-
-def get_logger():
-    import logging
-
-    return logging.getLogger("lorapipe.review")

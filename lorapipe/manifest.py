@@ -6,7 +6,6 @@ Paths inside records are relative to the workspace, so a workspace can be moved 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -101,14 +100,6 @@ def write_manifest(path: str | os.PathLike, records: Iterable[ImageRecord]) -> P
     return Path(path)
 
 
-def kept(records: Iterable[ImageRecord]) -> list[ImageRecord]:
-    return [r for r in records if r.kept]
-
-
 def rejection_counts(records: Iterable[ImageRecord]) -> Counter:
     """Rejections grouped by kind: the part of the reason before the colon ('corrupt', 'too_small' ...)."""
     return Counter(r.reason.split(":")[0] for r in records if not r.kept and r.reason)
-
-
-def records_as_json(records: Iterable[ImageRecord]) -> str:
-    return json.dumps([r.model_dump() for r in records], indent=2)

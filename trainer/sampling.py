@@ -61,7 +61,7 @@ def sample_prompts(templates: list[str], name: str) -> list[str]:
 
 @torch.no_grad()
 def training_samples(parts, unet, text_encoders, templates: list[str], name: str, seed: int, steps: int,
-                     size: tuple[int, int], device: str, dtype) -> Image.Image:
+                     size: tuple[int, int]) -> Image.Image:
     """Render samples with the model being trained (LoRA active): a grid, prompts across, with/without name down."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
