@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
+from lorapipe.errors import UserError
 from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config
 from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.workspace import Workspace
@@ -302,7 +303,11 @@ def main() -> None:
                         handlers=[CurrentStderrHandler()])
     for noisy in ("httpx", "httpcore", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    app()
+    try:
+        app()  # typer shows its own usage errors and exits; anything else comes out here
+    except UserError as err:  # something the user gave us: one line, no traceback
+        typer.echo(f"lorapipe: {err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

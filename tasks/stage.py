@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from prefect import task
 
+from lorapipe.errors import is_permanent
 from lorapipe.fsutil import atomic_copy, sha256_file, stable_hash
 from lorapipe.manifest import ImageRecord, write_manifest
 from lorapipe.workspace import Workspace
@@ -58,8 +59,14 @@ def finish_manifest_stage(
     return {"stage": stage, "key": key, "manifest": str(out), "stats": stats, "outputs": [str(out)]}
 
 
+def retry_unless_permanent(task, task_run, state) -> bool:
+    """Prefect's retry condition: a UserError (a bad setting, a missing file or dependency) is not retried."""
+    return not is_permanent(state.result(raise_on_failure=False))
+
+
 def stage_task(fn: Callable, key_fn: Callable[..., str], name: str, retries: int = 2, **options):
-    """The stage as a Prefect task: cached on `key_fn(**parameters)`, retried, result persisted as JSON."""
+    """The stage as a Prefect task: cached on `key_fn(**parameters)`, retried unless the failure is a
+    UserError (lorapipe/errors.py), result persisted as JSON."""
 
     def cache_key(context, parameters: dict) -> str:
         return f"{name}-{key_fn(**parameters)}"
@@ -73,6 +80,7 @@ def stage_task(fn: Callable, key_fn: Callable[..., str], name: str, retries: int
         retries=retries,
         retry_delay_seconds=[2, 10, 30][: max(retries, 1)],
         retry_jitter_factor=0.5,
+        retry_condition_fn=retry_unless_permanent,
         **options,
     )
 
