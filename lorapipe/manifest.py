@@ -61,6 +61,9 @@ class ImageRecord(BaseModel):
 
     caption: str | None = None
     caption_by: dict | None = Field(None, description="Backend, model id and revision, prompt hash")
+    caption_error: str | None = Field(
+        None, description="Why the captioner gave no usable caption (its refusal, a content filter, the server's "
+        "message): the image waits for a person and is captioned again on the next run")
     caption_edits: list[CaptionEdit] = Field(default_factory=list)
     review: Review | None = None
     review_reasons: list[str] = Field(default_factory=list, description="Rules that flagged the caption")
