@@ -45,7 +45,7 @@ def subject_phrase(name: str, class_word: str | None) -> str:
 
 LEADING_PRONOUN = re.compile(r"^(she|he|they|her|his|their)\b('s|'re|'ve)?(?:\s+([a-z]+)\b)?", re.IGNORECASE)
 THEY_VERBS = {"are": "is", "were": "was", "have": "has", "do": "does", "go": "goes"}
-NOT_VERBS = {"both", "all", "each", "also", "too", "together", "two", "three", "seem", "appear"}
+NOT_VERBS = {"both", "all", "each", "also", "too", "together", "two", "three"}
 
 
 def third_person(verb: str) -> str:
@@ -73,7 +73,7 @@ def replace_leading_pronoun(text: str, name: str, class_word: str | None = None)
         return subject + {"'s": " is", "'re": " is", "'ve": " has"}.get(contraction, "") + rest
     if contraction:
         return subject + (" is" if contraction == "'re" else " has") + text[m.end(2):]
-    if verb in NOT_VERBS or not verb.islower():
+    if verb in NOT_VERBS or not verb.islower() or verb.endswith("ly"):
         return None  # "They both smile": several people, left for the review to flag
     return f"{subject} {third_person(verb)}" + text[m.end(3):]
 
@@ -98,22 +98,22 @@ def generic_subject(text: str, class_word: str | None = None) -> re.Match | None
     return matches[0] if matches else None
 
 
-def insert_name(text: str, name: str, class_word: str | None = None, replace_subject: bool = True) -> str:
-    """Make the person's name the subject: a leading pronoun, else the generic subject, else lead with it."""
-    subject = subject_phrase(name, class_word)
-    if name_in(text, name):
-        return text
+def name_subject(text: str, name: str, class_word: str | None = None) -> str | None:
+    """"A woman in a red coat" -> "Jane Doe in a red coat"; None when there is no generic subject."""
+    if not (m := generic_subject(text, class_word)):
+        return None
+    text = text[: m.start()] + subject_phrase(name, class_word) + text[m.end():]
+    text = re.sub(r",\s*([,.;:])", r"\1", text).rstrip(",")  # "Jane Doe, a woman,, wearing"
+    return text[0].upper() + text[1:]
+
+
+def lead_with_name(text: str, name: str, class_word: str | None = None) -> str:
+    """"close-up portrait, laughing" -> "Jane Doe, close-up portrait, laughing"."""
+    subject = subject_phrase(name, class_word).rstrip(",")
     if not text:
-        return subject.rstrip(",")
-    if replace_subject:
-        if (named := replace_leading_pronoun(text, name, class_word)) is not None:
-            return named
-        if m := generic_subject(text, class_word):
-            text = text[: m.start()] + subject + text[m.end():]
-            text = re.sub(r",\s*([,.;:])", r"\1", text).rstrip(",")
-            return text[0].upper() + text[1:]
+        return subject
     first = text if text[:2].isupper() else text[0].lower() + text[1:]  # keep acronyms ("TV studio")
-    return f"{subject.rstrip(',')}, {first}"
+    return f"{subject}, {first}"
 
 
 # --- identity words the prompt asks the model to leave out -------------------------------------------
@@ -137,7 +137,10 @@ IDENTITY_REMOVALS = [(re.compile(p, re.IGNORECASE), r) for p, r in (
      r" eyes\b", ""),
     (rf"\b((?:her|his|their) ){EYE} (eyes)\b", r"\1\2"),
     # "in her thirties", "aged 30"
-    (rf",?\s*\bin (?:her|his|their) (?:early |mid-?|late )?{AGE_WORDS}\b", ""),
+    # "The woman appears to be in her 40s, wearing ..." -> "The woman, wearing ..." (not before ", and ...")
+    (rf"\s+(?:is|appears to be|seems to be|looks to be|looks) (?:about |around |approximately |roughly )?in (?:her|his"
+     rf"|their) (?:early |mid-?|late )?{AGE_WORDS}(?=,\s+(?!and\b|but\b))", ""),
+    (rf"(?<!\bis)(?<!\bbe)(?<!\blooks),?\s+in (?:her|his|their) (?:early |mid-?|late )?{AGE_WORDS}\b", ""),
     (r",?\s*\baged \d{1,2}\b", ""),
     # "of East Asian descent"
     (r",?\s*\bof (?:[\w-]+ ){1,3}(?:descent|heritage|ethnicity)\b", ""),
@@ -181,7 +184,7 @@ SEVERAL_PEOPLE = re.compile(
     rf"|each other|one another)\b|\bthey (?:both|all|each)\b"
     rf"|\b(?:another|a second|the other) (?:[\w-]+ )?(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual)\b"
     rf"|\b(?:and|with|beside|alongside|next to|behind|hugging|kissing|holding hands with|embracing) (?:a|an|the|her|his"
-    rf"|their) (?:[\w-]+ )?(?:(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual)\b(?!')|{RELATION}\b)",
+    rf"|their) (?:[\w-]+ )?(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual|{RELATION})\b(?!')",
     re.IGNORECASE,
 )
 

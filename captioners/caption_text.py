@@ -74,20 +74,22 @@ def strip_template_tokens(text: str) -> str:
 
 # --- refusals and chat ----------------------------------------------------------------------------------
 
+REFUSAL_VERBS = (r"(?:help|assist|identify|recogni[sz]e|provide|describe|determine|tell|say|comply|process|fulfill?"
+                 r"|share|speculate|see|view|analy[sz]e|name|discuss|make out|access)")
 REFUSAL = re.compile(
     r"\b(?:i'?m sorry|i am sorry|i apologi[sz]e|my apologies|sorry, (?:but )?i"
-    r"|(?:i|we) (?:cannot|can ?not|can't|won't|will not|am unable to|'m unable to|am not able to|'m not able to)"
-    r" (?:help|assist|identify|recogni[sz]e|provide|describe|determine|tell|say|comply|process|fulfill?|share"
-    r"|speculate|see|view|analy[sz]e|name|discuss|make)"
-    r"|unable to (?:help|assist|identify|recogni[sz]e|describe|provide|determine|process|comply|see|view|analy[sz]e)"
-    r"|can'?t assist|cannot assist|as an ai\b|as a language model|as an? (?:ai )?assistant,"
-    r"|against (?:my|the|our) (?:guidelines|policy|policies|content policy))",
+    r"|(?:i|we)(?:'m| am|'re| are)? (?:cannot|can ?not|can't|won't|will not|unable to|not able to|do not|don't"
+    rf"|not allowed to|not permitted to) (?:\w+ )?{REFUSAL_VERBS}\b"
+    r"|(?:unable|not able) to (?:help|assist|identify|recogni[sz]e|describe|provide|determine|process|comply|view"
+    r"|see the)|can'?t assist|cannot assist|(?:do not|don't|am not|'m not|not) (?:feel )?comfortable (?:identifying|describing|naming)"
+    r"|(?:don't|do not) have the (?:ability|capability|means) to|as an ai\b|as a language model"
+    r"|as an? (?:ai )?assistant,|against (?:my|the|our) (?:guidelines|policy|policies|content policy))",
     re.IGNORECASE,
 )
 # A refusal to say *who* someone is: the model may still describe the photo, and that part is usable.
 IDENTITY_REFUSAL = re.compile(
     r"\b(?:cannot|can ?not|can't|won't|will not|unable to|not able to|don't|do not|not (?:allowed|permitted) to)"
-    r"(?: help(?: you)?(?: with)?)? (?:\w+ ){0,2}?(?:identif\w*|recogni[sz]\w*|(?:tell|say|determine|know) who"
+    r"(?: help(?: you)?(?: with)?)? (?:\w+ ){0,4}?(?:identif\w*|recogni[sz]\w*|(?:tell|say|determine|know) who"
     r"|name (?:the|this|people|individuals|real)|(?:their|her|his|the person's) identity)",
     re.IGNORECASE,
 )

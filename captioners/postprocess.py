@@ -9,15 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from captioners.caption_subject import insert_name, name_in
-from captioners.caption_text import REFUSAL, fit_tokens, normalize
+from captioners.caption_text import REFUSAL, fit_tokens
 from captioners.review_rules import Subject, clean_caption
 
 # Bump when the rules change: finished captions are recomputed, raw VLM answers are kept.
 POSTPROCESS_VERSION = 3
 
-__all__ = ["POSTPROCESS_VERSION", "REFUSAL", "clip_token_counter", "finish_caption", "fit_tokens", "insert_name",
-           "name_in", "normalize"]
+# REFUSAL and fit_tokens stay importable from here, where they were before the rule table.
+__all__ = ["POSTPROCESS_VERSION", "REFUSAL", "clip_token_counter", "finish_caption", "fit_tokens"]
 
 
 def finish_caption(

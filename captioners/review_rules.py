@@ -16,13 +16,12 @@ from typing import Callable
 from captioners.caption_subject import (
     IDENTITY_WORDS,
     SEVERAL_PEOPLE,
-    generic_subject,
-    insert_name,
     language_of,
+    lead_with_name,
     name_in,
+    name_subject,
     replace_leading_pronoun,
     strip_identity,
-    subject_phrase,
 )
 from captioners.caption_text import (
     DANGLING,
@@ -82,6 +81,10 @@ class Rule:
         return "clean, else flag" if self.clean and self.flag else "clean" if self.clean else "flag"
 
 
+def _text_only(clean: Callable[[str], str]) -> Callable[[str, Subject], str]:
+    return lambda text, _: clean(text)
+
+
 def _search(pattern: re.Pattern, why: str = "") -> Callable[[str, Subject], str | None]:
     return lambda text, _: f"{m.group(0).strip()!r}{why}" if (m := pattern.search(text)) else None
 
@@ -102,15 +105,11 @@ def _pronoun(text: str, s: Subject) -> str:
 
 
 def _subject(text: str, s: Subject) -> str:
-    if name_in(text, s.name) or not (m := generic_subject(text, s.class_word)):
-        return text
-    text = text[: m.start()] + subject_phrase(s.name, s.class_word) + text[m.end():]
-    text = re.sub(r",\s*([,.;:])", r"\1", text).rstrip(",")
-    return text[0].upper() + text[1:]
+    return text if name_in(text, s.name) else (name_subject(text, s.name, s.class_word) or text)
 
 
 def _lead_with_name(text: str, s: Subject) -> str:
-    return insert_name(text, s.name, s.class_word, replace_subject=False)
+    return text if name_in(text, s.name) else lead_with_name(text, s.name, s.class_word)
 
 
 def _name_missing(text: str, s: Subject) -> str | None:
@@ -160,23 +159,23 @@ RULES: tuple[Rule, ...] = (
     Rule("empty", "no caption at all, or nothing usable left of the answer", flag=_empty),
     Rule("normalise", "Unicode NFC; typographic quotes and apostrophes (’ “ ”) made straight; mojibake (Iâ€™m); "
          "full-width forms; zero-width characters; markdown and quotes around the answer",
-         clean=lambda text, _: strip_decoration(normalize(text))),
+         clean=_text_only(lambda text: strip_decoration(normalize(text)))),
     Rule("reasoning", "a reasoning model's <think>…</think>, <answer> tags, GLM's <|begin_of_box|>",
-         clean=lambda text, _: strip_reasoning(text)),
+         clean=_text_only(strip_reasoning)),
     Rule("template_tokens", "chat-template tokens a server left in: <|im_end|>, <|eot_id|>, <end_of_turn>, </s>, "
          "[INST], a leading 'ASSISTANT:', a next 'USER:' turn; cut where the answer ends",
-         clean=lambda text, _: strip_template_tokens(text), flag=_template_tokens),
+         clean=_text_only(strip_template_tokens), flag=_template_tokens),
     Rule("refusal", "apologies and refusals: I'm sorry, unable to, can't assist, as an AI; a refusal to identify "
          "the person is dropped and the description kept, any other refusal is left whole for a person",
-         clean=lambda text, _: without_refusal(text), flag=_search(REFUSAL)),
+         clean=_text_only(without_refusal), flag=_search(REFUSAL)),
     Rule("boilerplate", "openers about the picture: This image showcases, The image features, In this image, "
          "This is a photo of, The photo is (a close-up of), Here's a caption:; elsewhere in the caption, flagged",
-         clean=lambda text, _: strip_openers(text), flag=_boilerplate),
+         clean=_text_only(strip_openers), flag=_boilerplate),
     Rule("identity", "what the name should carry: hair and eye colour, age, ethnicity (blonde, with blue eyes, in her "
          "thirties, 30-year-old, Asian); removed where the grammar is plain, else flagged",
-         clean=lambda text, _: strip_identity(text), flag=_search(IDENTITY_WORDS)),
+         clean=_text_only(strip_identity), flag=_search(IDENTITY_WORDS)),
     Rule("repetition", "a phrase repeated by a looping model (a coat coat coat)",
-         clean=lambda text, _: strip_repetition(text)),
+         clean=_text_only(strip_repetition)),
     Rule("pronoun", "a leading She/He/They/Her: replaced by the name (They sit -> Jane Doe sits)", clean=_pronoun),
     Rule("subject", "the generic subject (a woman, the person) replaced by the name; with class_word set, the "
          "subject that class word names is preferred (class_word man: a woman and a man -> a woman and Jane Doe)",
