@@ -112,7 +112,8 @@ def lead_with_name(text: str, name: str, class_word: str | None = None) -> str:
     subject = subject_phrase(name, class_word).rstrip(",")
     if not text:
         return subject
-    first = text if text[:2].isupper() else text[0].lower() + text[1:]  # keep acronyms ("TV studio")
+    word = text.split()[0]
+    first = text if len(word) > 1 and word.isupper() else text[0].lower() + text[1:]  # keep acronyms ("TV studio")
     return f"{subject}, {first}"
 
 
@@ -128,24 +129,35 @@ AGE_WORDS = r"(?:teens|twenties|thirties|forties|fifties|sixties|seventies|eight
 ETHNIC = (r"(?:asian|east asian|south asian|southeast asian|caucasian|hispanic|latina|latino|latinx|african[- ]american"
           r"|african|black|white|middle[- ]eastern|arab|indian|chinese|japanese|korean|european|mixed[- ]race|biracial"
           r"|native american|indigenous|scandinavian|nordic|slavic)")
-IDENTITY_ADJECTIVE = (rf"(?:blonde?|brunette|redheaded|{COLOUR}-haired|{EYE}-eyed|\d{{1,2}}-year-old|young|younger|old"
+IDENTITY_ADJECTIVE = (rf"(?:blonde?|brunette|redheaded|{COLOUR}-haired|{EYE}-eyed|[\w-]+-skinned|\d{{1,2}}-year-old|young|younger|old"
                       rf"|older|elderly|middle-aged|teenage|teenaged|adolescent|mature|aging|ageing|{ETHNIC})")
 
+EYE_ADJECTIVES = r"(?:(?:striking|bright|piercing|deep|big|large|expressive|beautiful|sparkling) )*"
+SKIN = (r"(?:fair|light|dark|olive|tan|tanned|pale|brown|black|white|porcelain|ebony|medium|deep|golden|bronze"
+        r"|light-brown|dark-brown)")
+
 IDENTITY_REMOVALS = [(re.compile(p, re.IGNORECASE), r) for p, r in (
-    # "with (striking) blue eyes", "with eyes of blue" is rare enough to be flagged instead
-    (rf",?\s*\b(?:with|and|has|having) (?:(?:striking|bright|piercing|deep|big|large|expressive|beautiful) )*{EYE}"
-     r" eyes\b", ""),
+    # "with blue eyes and a scarf" -> "with a scarf"; "has blue eyes and wears" -> "wears"; "with (striking) blue eyes"
+    (rf"\b(with|having) {EYE_ADJECTIVES}{EYE} eyes,? and ", r"\1 "),
+    (rf"\b(?:has|have) {EYE_ADJECTIVES}{EYE} eyes,? and ", ""),
+    (rf",?\s*\b(?:with|and|has|having) {EYE_ADJECTIVES}{EYE} eyes\b", ""),
     (rf"\b((?:her|his|their) ){EYE} (eyes)\b", r"\1\2"),
-    # "in her thirties", "aged 30"
+    # skin tone, the same way
+    (rf"\b(with|having) (?:an? )?{SKIN}(?:[- ]toned)? (?:skin|complexion),? and ", r"\1 "),
+    (rf",?\s*\b(?:with|and|has|having) (?:an? )?{SKIN}(?:[- ]toned)? (?:skin|complexion)\b", ""),
     # "The woman appears to be in her 40s, wearing ..." -> "The woman, wearing ..." (not before ", and ...")
     (rf"\s+(?:is|appears to be|seems to be|looks to be|looks) (?:about |around |approximately |roughly )?in (?:her|his"
      rf"|their) (?:early |mid-?|late )?{AGE_WORDS}(?=,\s+(?!and\b|but\b))", ""),
+    # "in her thirties" where it is not a predicate ("she is in her thirties and ..." is flagged instead)
     (rf"(?<!\bis)(?<!\bbe)(?<!\blooks),?\s+in (?:her|his|their) (?:early |mid-?|late )?{AGE_WORDS}\b", ""),
     (r",?\s*\baged \d{1,2}\b", ""),
+    (r",\s*(?:(?:approximately|about|around|roughly) )?\d{1,2} years old(?=,)", ""),
     # "of East Asian descent"
     (r",?\s*\bof (?:[\w-]+ ){1,3}(?:descent|heritage|ethnicity)\b", ""),
     # a colour before "hair" (style words stay: "long blonde hair" -> "long hair"), then a bare "with hair"
     (rf"(?<![\w-]){COLOUR},? (?=(?:{HAIR_STYLE},? )*hair\b)", ""),
+    (r"\b(with|having|sporting) hair,? and ", r"\1 "),
+    (r"\b(?:has|have) hair,? and ", ""),
     (r",?\s*\b(?:with|and|has|having|sporting) hair\b", ""),
     # identity adjectives before the person: "a blonde woman", "a 30-year-old Asian man"
     (rf"(?<![\w-]){IDENTITY_ADJECTIVE},?\s+(?=(?:[\w-]+\s+){{0,2}}?{PERSON}\b)", ""),
@@ -160,7 +172,8 @@ IDENTITY_WORDS = re.compile(
     rf"|\b\d{{1,2}}[- ]years?[- ]old\b|\bin (?:her|his|their) (?:early |mid-?|late )?{AGE_WORDS}\b|\bmiddle-aged\b"
     rf"|\belderly\b|\bteenage[dr]?\b|\b(?:appears|seems|looks) to be (?:about|around|roughly|approximately|in)\b"
     rf"|\baged \d+|(?<![\w-])(?:asian|caucasian|hispanic|latina|latino|latinx|african[- ]american"
-    rf"|middle[- ]eastern|biracial|mixed[- ]race|ethnicity|descent)(?![\w-])",
+    rf"|middle[- ]eastern|biracial|mixed[- ]race|ethnicity|descent)(?![\w-])"
+    rf"|(?<![\w-]){SKIN}(?:[- ]toned)? (?:skin|complexion)\b|\b[\w-]+-skinned\b|\bskin tone\b|\bcomplexion\b",
     re.IGNORECASE,
 )
 
@@ -184,7 +197,8 @@ SEVERAL_PEOPLE = re.compile(
     rf"|each other|one another)\b|\bthey (?:both|all|each)\b"
     rf"|\b(?:another|a second|the other) (?:[\w-]+ )?(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual)\b"
     rf"|\b(?:and|with|beside|alongside|next to|behind|hugging|kissing|holding hands with|embracing) (?:a|an|the|her|his"
-    rf"|their) (?:[\w-]+ )?(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual|{RELATION})\b(?!')",
+    rf"|their) (?:[\w-]+ )?(?:woman|man|person|girl|boy|lady|gentleman|guy|child|individual|{RELATION})\b(?!')"
+    r"|\b(?:with|among|surrounded by) (?:friends|family|colleagues|children|kids|classmates|teammates|relatives)\b",
     re.IGNORECASE,
 )
 

@@ -152,8 +152,10 @@ OPENERS = [re.compile(p, re.IGNORECASE) for p in (
     rf"^(?:the|this) (?:provided |given |particular )?{MEDIUM} {SHOWS}(?: a moment (?:of|where|in which))?,?\s*",
     rf"^(?:this|it|here) is (?:an? )?{MEDIUM} (?:of|showing|depicting|featuring|that shows|capturing)\s+",
     rf"^(?:(?:this|it|here) is|(?:the|this) {MEDIUM} is)\s+(?=(?:a|an)\b)",  # keeps "a close-up of"
-    r"^(?:an? )?(?:image|photo|photograph|picture|pic|snapshot) of\s+",
-    r"^(?:i|we|you) (?:can )?see\s+",
+    r"^(?:an? )?(?:image|photo|photograph|picture|pic|snapshot) (?:of|showing|depicting|featuring|capturing)\s+",
+    rf"^(?:pictured|shown|seen|featured|depicted)(?: here| above| in (?:the|this) {MEDIUM})? (?:is|are)\s+",
+    rf"^the (?:main |central )?(?:subject|focus|focal point)(?: of (?:the|this) {MEDIUM})? is\s+(?=(?:a|an)\b)",
+    r"^(?:here,? )?(?:i|we|you|one) (?:can )?see\s+",
     rf"^(?:here(?:'s| is) )?(?:an? |the |my )?(?:[\w-]+ )?(?:caption|description)"
     rf"(?: for (?:the|this) {MEDIUM})?(?: you (?:requested|asked for))?:\s*",
 )]

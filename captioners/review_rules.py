@@ -49,8 +49,11 @@ MENTIONS_TEXT = re.compile(
     r"the words?|written|caption reads)\b|@\w+|©",
     re.IGNORECASE,
 )
-BOILERPLATE_ANYWHERE = re.compile(rf"\b(?:the|this) {MEDIUM} {SHOWS}\b|\b(?:in|within) (?:the|this) {MEDIUM}, ",
-                                  re.IGNORECASE)
+BOILERPLATE_ANYWHERE = re.compile(
+    rf"\b(?:the|this) {MEDIUM} {SHOWS}\b|\b(?:in|within) (?:the|this) {MEDIUM}, "
+    r"|\b(?:image|photo|photograph|picture) (?:showing|depicting|featuring)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,10 @@ RULES: tuple[Rule, ...] = (
          "the person is dropped and the description kept, any other refusal is left whole for a person",
          clean=_text_only(without_refusal), flag=_search(REFUSAL)),
     Rule("boilerplate", "openers about the picture: This image showcases, The image features, In this image, "
-         "This is a photo of, The photo is (a close-up of), Here's a caption:; elsewhere in the caption, flagged",
+         "This is a photo of, Pictured is, The photo is (a close-up of), Here's a caption:; elsewhere, flagged",
          clean=_text_only(strip_openers), flag=_boilerplate),
-    Rule("identity", "what the name should carry: hair and eye colour, age, ethnicity (blonde, with blue eyes, in her "
-         "thirties, 30-year-old, Asian); removed where the grammar is plain, else flagged",
+    Rule("identity", "what the name should carry: hair, eye and skin colour, age, ethnicity (blonde, with blue eyes, "
+         "fair skin, in her thirties, 30-year-old, Asian); removed where the grammar is plain, else flagged",
          clean=_text_only(strip_identity), flag=_search(IDENTITY_WORDS)),
     Rule("repetition", "a phrase repeated by a looping model (a coat coat coat)",
          clean=_text_only(strip_repetition)),
