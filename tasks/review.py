@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from captioners import clip_token_counter
-from captioners.postprocess import BOILERPLATE, REFUSAL
+from captioners.review_rules import caption_problems
 from lorapipe.config import ReviewConfig
 from lorapipe.fsutil import atomic_write_text
 from lorapipe.manifest import CaptionEdit, ImageRecord, read_manifest
@@ -27,40 +26,6 @@ from lorapipe.workspace import Workspace
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.review")
-
-# Text in the picture is often a watermark, a meme caption or a screenshot: worth a look, maybe a drop.
-MENTIONS_TEXT = re.compile(
-    r"\b(watermark\w*|logo|signature|copyright|subtitles?|username|text (?:that )?(?:reads|says)|"
-    r"the words?|written|caption reads)\b|@\w+|©",
-    re.IGNORECASE,
-)
-BOILERPLATE_ANYWHERE = re.compile(r"\b(?:the|this) (?:image|photo|picture) (?:shows|depicts|features)\b", re.I)
-
-
-def caption_problems(caption: str | None, name: str, config: ReviewConfig, count_tokens) -> list[str]:
-    """Every rule the caption breaks, as reasons for the manifest (empty list: clean)."""
-    if not caption or not caption.strip():
-        return ["empty: no caption"]
-    problems = []
-    if name.lower() not in caption.lower():
-        problems.append(f"name_missing: {name!r} is not in the caption")
-    tokens = count_tokens(caption)
-    if tokens > config.max_tokens:
-        problems.append(f"too_long: {tokens} CLIP tokens > {config.max_tokens}")
-    words = len(caption.split())
-    if words < config.min_words:
-        problems.append(f"too_short: {words} words < {config.min_words}")
-    for token in config.placeholder_tokens:
-        if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption, re.IGNORECASE):
-            problems.append(f"placeholder: {token!r} (use the person's real name)")
-    if m := REFUSAL.search(caption):
-        problems.append(f"refusal: {m.group(0)!r}")
-    if m := (BOILERPLATE.search(caption) or BOILERPLATE_ANYWHERE.search(caption)):
-        problems.append(f"boilerplate: {m.group(0).strip()!r}")
-    if m := MENTIONS_TEXT.search(caption):
-        problems.append(f"mentions_text: {m.group(0)!r} (a watermark or caption in the picture?)")
-    return problems
-
 
 def display_name(record: ImageRecord) -> str:
     return Path(record.source).name
@@ -220,7 +185,8 @@ def review_markdown(records: list[ImageRecord], limit: int = 200) -> str:
     return "\n".join(lines)
 
 
-CODE = code_version(__name__, "lorapipe.review_decisions")
+CODE = code_version(__name__, "lorapipe.review_decisions", "captioners.review_rules", "captioners.caption_text",
+                    "captioners.caption_subject")
 
 
 def review_key(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str) -> str:
