@@ -333,8 +333,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
 def test_job_killed_mid_epoch_resumes_to_the_identical_lora(trained, dataset):
     config, uninterrupted = trained
     root, ws, examples = dataset
-    job = Job(examples, config.model_copy(update={"checkpoint_every_steps": 1}), root / "killed", ws.cache, NAME,
-              "resume-test")
+    job = Job(examples, config.model_copy(update={"checkpoint_every_steps": 1}), root / "killed", ws.cache, NAME)
     job_file = job.write()
     command = [sys.executable, "-m", "trainer", str(job_file)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -396,7 +395,7 @@ def test_two_processes_with_accelerate_train_like_one(trained, dataset):
     config, single = trained
     root, ws, examples = dataset
     job = Job(examples, config.model_copy(update={"num_processes": 2, "sample_prompts": []}), root / "ddp",
-              ws.cache, NAME, "ddp-test")
+              ws.cache, NAME)
     result = run_trainer(job)
     assert result["steps"] == single.steps
     a = load_file(f"{single.lora_dir}/{LORA_WEIGHTS}")
