@@ -42,7 +42,9 @@ def example_identity(example) -> dict:
 
 
 def run_identity(examples: list, config: TrainConfig) -> dict:
-    return {"settings": weight_settings(config), "examples": [example_identity(e) for e in examples]}
+    """As JSON would give it back (lists, not tuples): compared with the copy kept in run.json."""
+    identity = {"settings": weight_settings(config), "examples": [example_identity(e) for e in examples]}
+    return json.loads(json.dumps(identity))
 
 
 def run_key(identity: dict, *extra) -> str:
