@@ -204,3 +204,17 @@ def test_the_trainer_alone_refits_around_the_face_or_leaves_the_image_out(tmp_pa
     with caplog.at_level(logging.WARNING, logger="lorapipe.train"):
         assert merge_small_buckets([*squares, too_wide], 2) == squares
     assert f"{path}: left out of training: its face does not fit a 256x256 frame" in caplog.text
+
+
+def test_a_malformed_job_file_is_refused_in_one_line(tmp_path, capsys):
+    from trainer.__main__ import main
+
+    job = tmp_path / "job.json"
+    job.write_text('{"examples": [], "config": {"rank": 0}, "run_dir": "r", "cache_dir": "c", "name": "n"}')
+    assert main([str(job)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {job}: config.rank: Input should be greater than or equal "
+                                               "to 1")
+    job.write_text("{not json")
+    assert main([str(job)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {job}: not a training job (JSONDecodeError")
