@@ -92,7 +92,7 @@ def merge_small_buckets(examples: list[Example], min_images: int) -> list[Exampl
         crop = (round((ex.crop_top_left[0] + box[1]) * scale), round((ex.crop_top_left[1] + box[0]) * scale))
         out.append(dataclasses.replace(ex, bucket=target, crop_top_left=crop))
     for bucket, target in sorted(targets.items()):
-        log.warning("bucket %dx%d has fewer than %d images: its images are refitted to %dx%d around their faces",
+        log.warning("bucket %dx%d has fewer than %d images: its images are refitted to %dx%d (around their faces)",
                     *bucket, min_images, *target)
     return out
 
