@@ -76,8 +76,8 @@ def test_only_settings_that_change_the_weights_name_a_run_and_a_new_run_says_why
     assert other.run_dir != job.run_dir and "1 training image(s) changed" in caplog.text
 
 
-def test_auto_micro_batch_is_probed_once_per_run_and_the_preflight_comes_before_the_gpu(reviewed, tiny_models,
-                                                                                          tmp_path, monkeypatch, caplog):
+def test_auto_micro_batch_is_probed_once_per_run_and_the_preflight_comes_before_the_gpu(
+        reviewed, tiny_models, tmp_path, monkeypatch, caplog):
     import trainer.loop as loop
     from tasks.train import training_examples
 
