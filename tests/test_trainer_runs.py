@@ -141,7 +141,7 @@ def wide_photo_workspace(tmp_path_factory):
 
 def test_a_merged_bucket_trains_the_face_it_was_cropped_for(wide_photo_workspace, tiny_models):
     from tasks.train import run_train
-    from trainer.data import cache_latents, image_tensor, merge_small_buckets
+    from trainer.data import cache_latents, merge_small_buckets
     from trainer.job import Job
 
     ws, manifest, crop, wide = wide_photo_workspace
