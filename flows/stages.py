@@ -48,7 +48,8 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
         return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
                       "tokenizer_from": config.train.tokenizer_source, **common}
     if stage == "train":
-        return train_task, {"manifest": manifest, "config": config.train, "name": config.name, **common}
+        return train_task, {"manifest": manifest, "config": config.train, "name": config.name,
+                            "crop": config.dataset.crop, **common}
     if stage == "export":
         train = extra["train"]
         return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
@@ -83,7 +84,7 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
     if not path.exists():
         raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
     if stage == "export":
-        train = trained_run(str(path), str(ws.root), config.train, config.name)
+        train = trained_run(str(path), str(ws.root), config.train, config.name, config.dataset.crop)
         if train is None:
             raise MissingInput(f"no finished training for {path} with these settings: run `lorapipe train` first")
         return str(path), {"train": train}

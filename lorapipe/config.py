@@ -148,6 +148,9 @@ class TrainConfig(Strict):
     targets: Literal["kohya", "attention"] = Field(
         "kohya", description="kohya: every Linear in the UNet's transformer blocks; attention: q/k/v/out only"
     )
+    lora_init: Literal["kohya", "gaussian"] = Field(
+        "kohya", description="kohya: A kaiming-uniform (std 1/sqrt(3 x in features)), B zero, as kohya's LoRAModule; "
+        "gaussian: A ~ N(0, 1/rank) (5-15x larger on SDXL: moves faster under Lion)")
     learning_rate: float = Field(4e-4, gt=0, description="UNet learning rate")
     optimizer: Literal["auto", "lion", "lion-pytorch", "bnb-lion", "bnb-lion8bit"] = Field(
         "auto", description="auto: the fastest exact Lion (lorapipe's multi-tensor Lion); bnb-lion8bit is not exact"

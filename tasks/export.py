@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from pathlib import Path
 
 from lorapipe.config import TrainConfig
 from lorapipe.fsutil import atomic_copy, sha256_file
@@ -41,6 +42,15 @@ def lineage(records, name: str, train_result: dict, train_config: TrainConfig) -
     }
 
 
+def trained_records(manifest: str, train_result: dict) -> list:
+    """The records the LoRA was trained on: the train stage's manifest (re-crops, images left out) when the
+    result names one, less the held-out images; else the reviewed manifest's approved records."""
+    trained = set(train_result.get("image_ids") or [])
+    source = train_result.get("manifest") if Path(train_result.get("manifest") or "").is_file() else manifest
+    return [r for r in read_manifest(source)
+            if r.kept and r.review == "approved" and (not trained or r.id in trained)]
+
+
 def unet_layers_per_block(config: TrainConfig) -> int:
     """The SGM block numbering depends on it (2 for SDXL); single files are SDXL by definition here."""
     source = config.base_model
@@ -67,7 +77,7 @@ def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_r
                train_config: TrainConfig, resolution: int) -> dict:
     ws = Workspace.at(workspace)
     key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution)
-    records = [r for r in read_manifest(manifest) if r.review == "approved"]
+    records = trained_records(manifest, train_result)
     facts = lineage(records, name, train_result, train_config)
     stem = f"{slugify(name)}-{key[:8]}"
     diffusers_file = export_diffusers_lora(lora_file, ws.loras / f"{stem}.diffusers.safetensors", facts)

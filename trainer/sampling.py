@@ -9,18 +9,18 @@ import torch
 from PIL import Image
 
 from lorapipe.devices import resolve_device
-from trainer.models import is_single_file
+from trainer.models import is_single_file, load_vae
 
 
 def load_pipeline(base_model: str, revision: str | None = None, vae: str | None = None, device: str = "auto",
                   single_file_config: str | None = None):
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     device = resolve_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs = {"dtype": dtype}
     if vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
+        kwargs["vae"] = load_vae(vae, base_model, revision, single_file_config, dtype)
     if is_single_file(base_model):
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config, **kwargs)
     else:
