@@ -48,6 +48,7 @@ from trainer.models import (
     lora_state,
     model_identity,
 )
+from trainer.lora_layers import attach as attach_fast_lora
 from trainer.optim import make_optimizer, resolve_optimizer
 from trainer.preflight import estimate_memory_gib, preflight
 from trainer.sampling import training_samples
@@ -152,6 +153,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     unet.train()
     for module in (unet, *encoders):
         place(module, device, weight_dtype)
+        attach_fast_lora(module)  # peft's LoRA Linears, run with far fewer operations (same weights)
     largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
     micro_batch_size = config.micro_batch_size
     if micro_batch_size == "auto":
