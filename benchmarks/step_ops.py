@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import time
 
 import torch
@@ -92,12 +93,13 @@ def twice(count, unet, *args) -> tuple[int, int, int]:
 def measure(kind: str, target_sets: list[str]) -> list[tuple[str, str, tuple[int, int, int]]]:
     """(targets, what runs, counts) rows for one model: the bare UNet, then each target set."""
     dtype = torch.bfloat16 if kind == "sdxl" else torch.float32
-    rows = [("-", "bare UNet", twice(count_unet, build_unet(kind, "meta", dtype), kind, dtype, True))]
+    bare = build_unet(kind, "meta", dtype)
+    rows = [("-", "bare UNet", twice(count_unet, copy.deepcopy(bare), kind, dtype, True))]
     for targets in target_sets:
-        unet = build_unet(kind, "meta", dtype)
+        unet = copy.deepcopy(bare)
         plain_peft_lora(unet, targets)
         rows.append((targets, "peft LoRA (diffusers' example)", twice(count_unet, unet, kind, dtype, False)))
-        unet = build_unet(kind, "meta", dtype)
+        unet = copy.deepcopy(bare)
         lorapipe_lora(unet, targets)
         rows.append((targets, "lorapipe LoRA (trainer/lora_layers.py)", twice(count_unet, unet, kind, dtype, False)))
         rows.append((targets, "lorapipe full step (per_image_loss)", twice(count_full_step, unet, kind, dtype)))

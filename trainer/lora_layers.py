@@ -31,6 +31,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 ADAPTER = "default"
 # Sibling Linears that attention modules call on one input (diffusers' Attention; CLIP's attention).
@@ -38,7 +39,8 @@ SHARED_INPUT = [("to_q", "to_k", "to_v"), ("q_proj", "k_proj", "v_proj")]
 
 
 class _Group:
-    """Adapted Linears that read one input. Their A matrices are rows of one (members x rank) x in view."""
+    """Adapted Linears that read one input. In the flat tensor: their A's (one (members x rank) x in
+    block, so one matmul projects the input for all), then their B's."""
 
     def __init__(self, layers: list, offset: int, first_index: int):
         a = layers[0].lora_A[ADAPTER].weight
@@ -49,40 +51,44 @@ class _Group:
         for row, layer in enumerate(layers):
             self.slots.append(_Slot(self, layer, row, offset, first_index + row))
             offset += layer.lora_B[ADAPTER].weight.numel()
-        self.end = offset
+        self.end, self.single = offset, len(layers) == 1
 
-    def a_view(self, flat: torch.Tensor, slot: _Slot | None = None) -> torch.Tensor:
+    def bind(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """Views of the weights (`flat`) and of their gradients (`grad`), made once per buffer."""
         rows = self.rank * len(self.slots)
-        a = flat.narrow(0, self.a_off, rows * self.in_features).view(rows, self.in_features)
-        return a if slot is None else a.narrow(0, slot.row * self.rank, self.rank)
+        self.a = flat.narrow(0, self.a_off, rows * self.in_features).view(rows, self.in_features)
+        self.a_t = self.a.t()
+        self.ga = grad.narrow(0, self.a_off, rows * self.in_features).view(rows, self.in_features)
+        for slot in self.slots:
+            slot.bind(flat, grad)
 
 
 class _Slot:
-    """One adapted Linear: its peft layer, its row in its group, where its B sits in the flat tensor."""
+    """One adapted Linear: its base layer, its row in its group, its views of the flat tensors."""
 
     def __init__(self, group: _Group, layer, row: int, b_off: int, index: int):
-        self.group, self.layer, self.row, self.b_off, self.index = group, layer, row, b_off, index
+        self.group, self.layer, self.base, self.row, self.b_off, self.index = (
+            group, layer, layer.base_layer, row, b_off, index)
+        self.col = row * group.rank  # its columns of the group's x A^T
 
-    def b_view(self, flat: torch.Tensor) -> torch.Tensor:
-        out = self.layer.base_layer.out_features
-        return flat.narrow(0, self.b_off, out * self.group.rank).view(out, self.group.rank)
-
-    def cols(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return t.narrow(dim, self.row * self.group.rank, self.group.rank)
+    def bind(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        out, rank = self.base.out_features, self.group.rank
+        self.a, self.ga = self.group.a.narrow(0, self.col, rank), self.group.ga.narrow(0, self.col, rank)
+        self.b_t = flat.narrow(0, self.b_off, out * rank).view(out, rank).t()
+        self.gb = grad.narrow(0, self.b_off, out * rank).view(out, rank)
 
 
 class _Pass:
-    """One forward of the module: the LoRA weights in the compute dtype and, with autograd on, the buffer
-    backward writes their gradients into (`written_a/b[i]`: slot i's gradient is in the buffer)."""
+    """One forward of the module (`written_a/b[i]`: slot i's gradient is in the buffer)."""
 
-    def __init__(self, flat: torch.Tensor, grad: torch.Tensor | None, slots: int):
-        self.flat, self.grad = flat, grad
+    def __init__(self, slots: int, training: bool):
+        self.training = training
         self.written_a, self.written_b = [False] * slots, [False] * slots
         self.shared: list[_Shared] = []
 
 
 class _Shared:
-    """One call of a group's down-projection: x A_cat^T for every member, computed once."""
+    """One call of a group's down-projection: x A^T for every member, computed once."""
 
     def __init__(self, pass_: _Pass, x: torch.Tensor, x2: torch.Tensor, h: torch.Tensor):
         self.pass_, self.x, self.x2, self.h = pass_, weakref.ref(x), x2, h  # x2: x as N x in, compute dtype
@@ -92,74 +98,65 @@ class _Shared:
 
 
 class _Gather(torch.autograd.Function):
-    """Forward: every LoRA weight, concatenated and cast to the compute dtype (two operations).
-    Backward: each weight's gradient, a view of the buffer the layers wrote, cast back (one operation)."""
+    """Forward: every LoRA weight into the flat tensor, in the compute dtype (one or two operations), and
+    a token that makes autograd run this backward after every layer's. Backward: each weight's gradient,
+    a view of one copy of the buffer the layers wrote, in the weights' dtype (one operation)."""
 
     @staticmethod
-    def forward(ctx, owner, dtype, training, *params):
-        flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+    def forward(ctx, owner, training, *params):
+        flat = owner.flat
+        if flat.dtype == owner.param_dtype:
+            torch.cat([p.view(-1) for p in params], out=flat)
+        else:
+            flat.copy_(torch.cat([p.view(-1) for p in params]))
         ctx.owner = owner
         ctx.set_materialize_grads(False)
-        ctx.pass_ = owner.current = _Pass(flat, torch.empty_like(flat) if training else None, len(owner.slots))
-        return flat
+        ctx.pass_ = owner.current = _Pass(len(owner.slots), training)
+        return flat.new_empty(0)
 
     @staticmethod
     def backward(ctx, _):
         owner, pass_ = ctx.owner, ctx.pass_
         if any(s.remaining for s in pass_.shared):
             raise RuntimeError("fast LoRA: an attention projection's output was not used; detach trainer.lora_layers")
+        pass_.shared = []
         complete = all(pass_.written_a) and all(pass_.written_b)
-        grad, pass_.grad, pass_.shared = pass_.grad, None, []
         if complete and owner.grads_are_views():
             # A later micro-batch of gradient accumulation: one add instead of one per LoRA tensor.
-            owner.grad.add_(grad)
-            return (None,) * (3 + len(owner.params))
-        full = grad.to(owner.param_dtype)
+            owner.grad.add_(owner.grad_buffer)
+            return (None,) * (2 + len(owner.params))
+        full = owner.grad_buffer.to(owner.param_dtype, copy=True)
         owner.grad = full if complete else None
-        grads = []
-        for slot in owner.slots:  # in the order of owner.params: per group, its A's, then its B's
-            if slot.row == 0:
-                grads += [slot.group.a_view(full, s) if pass_.written_a[s.index] else None for s in slot.group.slots]
-            grads.append(slot.b_view(full) if pass_.written_b[slot.index] else None)
-        return (None, None, None, *(g if g is None else g.view(p.shape) for g, p in zip(grads, owner.params)))
-
-
-def _write_a(pass_: _Pass, slots: list[_Slot], g_h: torch.Tensor, x2: torch.Tensor) -> None:
-    """grad A (+)= scale * g_h x for `slots`, in one matmul when they are the whole group, written alike."""
-    group = slots[0].group
-    written = {pass_.written_a[s.index] for s in slots}
-    if len(slots) == len(group.slots) and len(written) == 1:
-        group.a_view(pass_.grad).addmm_(g_h, x2, beta=int(written.pop()), alpha=group.scale)
-    else:
-        for s in slots:
-            group.a_view(pass_.grad, s).addmm_(s.cols(g_h, 0), x2, beta=int(pass_.written_a[s.index]),
-                                               alpha=group.scale)
-    for s in slots:
-        pass_.written_a[s.index] = True
+        written = [w for s in owner.slots if s.row == 0 for w in
+                   [pass_.written_a[m.index] for m in s.group.slots] + [pass_.written_b[m.index] for m in s.group.slots]]
+        chunks = full.split(owner.sizes)
+        return (None, None, *(c.view(p.shape) if w else None for c, p, w in zip(chunks, owner.params, written)))
 
 
 class _LoRALinear(torch.autograd.Function):
-    """y = x W^T + bias + scale * (x A^T) B^T, with A and B read from the pass's flat tensor."""
+    """y = x W^T + bias + scale * (x A^T) B^T, with A and B views of the flat tensor."""
 
     @staticmethod
-    def forward(ctx, x, flat, pass_, slot):
-        group, base = slot.group, slot.layer.base_layer
-        shared = group.cache
-        if (len(group.slots) == 1 or shared is None or shared.pass_ is not pass_ or shared.x() is not x
-                or slot.row in shared.used):
-            x2 = x.reshape(-1, x.shape[-1]).to(pass_.flat.dtype)
-            shared = _Shared(pass_, x, x2, torch.mm(x2, group.a_view(pass_.flat).t()))
-            if len(group.slots) > 1:
-                group.cache = shared
-                if pass_.grad is not None:
+    def forward(ctx, x, token, pass_, slot):
+        group, shared = slot.group, None
+        if group.single:
+            x2 = x.reshape(-1, x.shape[-1]).to(group.a.dtype)
+            h = h_all = torch.mm(x2, group.a_t)
+        else:
+            shared = group.cache
+            if shared is None or shared.pass_ is not pass_ or shared.x() is not x or slot.row in shared.used:
+                x2 = x.reshape(-1, x.shape[-1]).to(group.a.dtype)
+                shared = group.cache = _Shared(pass_, x, x2, torch.mm(x2, group.a_t))
+                if pass_.training:
                     pass_.shared.append(shared)
-        x2 = shared.x2
-        shared.used.append(slot.row)
-        if len(shared.used) == len(group.slots):
-            shared.x2 = None  # held only until the group's last member has read it
-        y = torch.addmm(base.bias, x2, base.weight.t()) if base.bias is not None else torch.mm(x2, base.weight.t())
-        y.addmm_(slot.cols(shared.h), slot.b_view(pass_.flat).t(), alpha=group.scale)
-        ctx.save_for_backward(x2, shared.h)
+            x2, h_all = shared.x2, shared.h
+            h = h_all.narrow(1, slot.col, group.rank)
+            shared.used.append(slot.row)
+            if len(shared.used) == len(group.slots):
+                shared.x2 = None  # held only until the group's last member has read it
+        y = F.linear(x2, slot.base.weight, slot.base.bias)
+        y.addmm_(h, slot.b_t, alpha=group.scale)
+        ctx.save_for_backward(x2, h_all)
         ctx.pass_, ctx.slot, ctx.shared, ctx.x_shape = pass_, slot, shared, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -169,28 +166,43 @@ class _LoRALinear(torch.autograd.Function):
         pass_, slot, shared = ctx.pass_, ctx.slot, ctx.shared
         group = slot.group
         g2 = g.reshape(-1, g.shape[-1])
-        b_t = slot.b_view(pass_.flat).t()
-        members = len(group.slots)
-        if shared.g_h is None:
-            shared.remaining = len(shared.used)
-            shared.g_h = torch.mm(b_t, g2.t()) if members == 1 else h.new_empty(members * group.rank, g2.shape[0])
-        if members > 1:
-            torch.mm(b_t, g2.t(), out=slot.cols(shared.g_h, 0))
-        slot.b_view(pass_.grad).addmm_(g2.t(), slot.cols(h), beta=int(pass_.written_b[slot.index]),
-                                       alpha=group.scale)
+        if shared is None:
+            g_h = torch.mm(slot.b_t, g2.t())  # the gradient reaching x A^T, transposed: rank x N
+        else:
+            whole = len(shared.used) == len(group.slots)  # every member read this input
+            if shared.g_h is None:
+                shared.remaining = len(shared.used) if whole else 0
+                shared.g_h = h.new_empty(len(group.slots) * group.rank, g2.shape[0])
+            g_h = torch.mm(slot.b_t, g2.t(), out=shared.g_h.narrow(0, slot.col, group.rank))
+            h = h.narrow(1, slot.col, group.rank)
+            shared.remaining -= whole
+        slot.gb.addmm_(g2.t(), h, beta=int(pass_.written_b[slot.index]), alpha=group.scale)
         pass_.written_b[slot.index] = True
-        grad_x = torch.mm(g2, slot.layer.base_layer.weight) if ctx.needs_input_grad[0] else None
-        shared.remaining -= 1
-        whole = len(shared.used) == members
-        if whole and shared.remaining == 0:  # the last member of the group: A gradients and dx for all
-            _write_a(pass_, group.slots, shared.g_h, x2)
-            if grad_x is not None:
-                grad_x.addmm_(shared.g_h.t(), group.a_view(pass_.flat), alpha=group.scale)
-        elif not whole:  # the members did not share this input: each its own
-            _write_a(pass_, [slot], shared.g_h, x2)
-            if grad_x is not None:
-                grad_x.addmm_(slot.cols(shared.g_h, 0).t(), group.a_view(pass_.flat, slot), alpha=group.scale)
+        grad_x = torch.mm(g2, slot.base.weight) if ctx.needs_input_grad[0] else None
+        if shared is not None and whole:
+            if shared.remaining:  # the group's other members have yet to run: the last does A and dx for all
+                return None if grad_x is None else grad_x.view(ctx.x_shape), None, None, None
+            slots, g_h, a = group.slots, shared.g_h, group.a
+        else:  # alone, or the group's members did not share this input
+            slots, a = [slot], slot.a
+        _write_a(pass_, slots, g_h, x2)
+        if grad_x is not None:
+            grad_x.addmm_(g_h.t(), a, alpha=group.scale)
         return None if grad_x is None else grad_x.view(ctx.x_shape), None, None, None
+
+
+def _write_a(pass_: _Pass, slots: list[_Slot], g_h: torch.Tensor, x2: torch.Tensor) -> None:
+    """grad A (+)= scale * g_h x for `slots` (g_h: their rows), in one matmul when they are the whole group."""
+    group = slots[0].group
+    written = {pass_.written_a[s.index] for s in slots}
+    if len(written) == 1:
+        ga = group.ga if len(slots) == len(group.slots) else slots[0].ga
+        ga.addmm_(g_h, x2, beta=int(written.pop()), alpha=group.scale)
+    else:
+        for s in slots:
+            s.ga.addmm_(g_h.narrow(0, s.col, group.rank), x2, beta=int(pass_.written_a[s.index]), alpha=group.scale)
+    for s in slots:
+        pass_.written_a[s.index] = True
 
 
 def _covered(layer) -> bool:
@@ -249,6 +261,8 @@ class FastLoRA:
         self.param_dtype = self.params[0].dtype if self.params else torch.float32
         if any(p.dtype != self.param_dtype for p in self.params):
             raise ValueError("LoRA weights of mixed dtypes: cast them to one dtype first")
+        self.sizes = [p.numel() for p in self.params]
+        self.flat = self.grad_buffer = None  # the weights in the compute dtype; their gradients (one pass)
         self._hook = module.register_forward_pre_hook(self._gather) if self.slots else None
         for slot in self.slots:
             slot.layer.forward = self._forward_for(slot)
@@ -264,8 +278,13 @@ class FastLoRA:
                    for p, offset in zip(self.params, self.offsets))
 
     def _gather(self, module, args):
-        dtype = self.slots[0].layer.base_layer.weight.dtype
-        _Gather.apply(self, dtype, torch.is_grad_enabled(), *self.params)
+        weight = self.slots[0].base.weight  # the compute dtype and device: the base weights'
+        if self.flat is None or self.flat.dtype != weight.dtype or self.flat.device != weight.device:
+            self.flat = torch.empty(sum(self.sizes), dtype=weight.dtype, device=weight.device)
+            self.grad_buffer = torch.empty_like(self.flat)
+            for group in self.groups:
+                group.bind(self.flat, self.grad_buffer)
+        self.token = _Gather.apply(self, torch.is_grad_enabled(), *self.params)
 
     def _forward_for(self, slot: _Slot):
         layer, peft_forward = slot.layer, type(slot.layer).forward
@@ -275,11 +294,11 @@ class FastLoRA:
             if (args or kwargs or pass_ is None or layer.disable_adapters or layer.merged
                     or list(layer.active_adapters) != [ADAPTER]):
                 return peft_forward(layer, x, *args, **kwargs)
-            if x.dtype != pass_.flat.dtype and not (  # autocast: a norm's fp32 output, cast like autocast would
-                    torch.is_autocast_enabled(x.device.type)
-                    and torch.get_autocast_dtype(x.device.type) == pass_.flat.dtype):
+            dtype = self.flat.dtype
+            if x.dtype != dtype and not (  # autocast: a norm's fp32 output, cast like autocast would
+                    torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype):
                 return peft_forward(layer, x, *args, **kwargs)
-            return _LoRALinear.apply(x, pass_.flat, pass_, slot)
+            return _LoRALinear.apply(x, self.token, pass_, slot)
 
         return forward
 
@@ -288,7 +307,7 @@ class FastLoRA:
             self._hook.remove()
         for slot in self.slots:
             slot.layer.__dict__.pop("forward", None)
-        self.current = None
+        self.current = self.token = self.flat = self.grad_buffer = None
         for group in self.groups:
             group.cache = None
 
