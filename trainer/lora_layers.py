@@ -67,12 +67,14 @@ class _Slot:
     """One adapted Linear: its base layer, its row in its group, its views of the flat tensors."""
 
     def __init__(self, group: _Group, layer, row: int, b_off: int, index: int):
-        self.group, self.layer, self.base, self.row, self.b_off, self.index = (
-            group, layer, layer.base_layer, row, b_off, index)
+        self.group, self.layer, self.row, self.b_off, self.index = group, layer, row, b_off, index
+        # Parameter objects outlive dtype and device moves (those replace their .data).
+        self.weight, self.bias, self.out_features = layer.base_layer.weight, layer.base_layer.bias, \
+            layer.base_layer.out_features
         self.col = row * group.rank  # its columns of the group's x A^T
 
     def bind(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        out, rank = self.base.out_features, self.group.rank
+        out, rank = self.out_features, self.group.rank
         self.a, self.ga = self.group.a.narrow(0, self.col, rank), self.group.ga.narrow(0, self.col, rank)
         self.b_t = flat.narrow(0, self.b_off, out * rank).view(out, rank).t()
         self.gb = grad.narrow(0, self.b_off, out * rank).view(out, rank)
@@ -154,7 +156,7 @@ class _LoRALinear(torch.autograd.Function):
             shared.used.append(slot.row)
             if len(shared.used) == len(group.slots):
                 shared.x2 = None  # held only until the group's last member has read it
-        y = F.linear(x2, slot.base.weight, slot.base.bias)
+        y = F.linear(x2, slot.weight, slot.bias)
         y.addmm_(h, slot.b_t, alpha=group.scale)
         ctx.save_for_backward(x2, h_all)
         ctx.pass_, ctx.slot, ctx.shared, ctx.x_shape = pass_, slot, shared, x.shape
@@ -178,7 +180,7 @@ class _LoRALinear(torch.autograd.Function):
             shared.remaining -= whole
         slot.gb.addmm_(g2.t(), h, beta=int(pass_.written_b[slot.index]), alpha=group.scale)
         pass_.written_b[slot.index] = True
-        grad_x = torch.mm(g2, slot.base.weight) if ctx.needs_input_grad[0] else None
+        grad_x = torch.mm(g2, slot.weight) if ctx.needs_input_grad[0] else None
         if shared is not None and whole:
             if shared.remaining:  # the group's other members have yet to run: the last does A and dx for all
                 return None if grad_x is None else grad_x.view(ctx.x_shape), None, None, None
@@ -278,7 +280,7 @@ class FastLoRA:
                    for p, offset in zip(self.params, self.offsets))
 
     def _gather(self, module, args):
-        weight = self.slots[0].base.weight  # the compute dtype and device: the base weights'
+        weight = self.slots[0].weight  # the compute dtype and device: the base weights'
         if self.flat is None or self.flat.dtype != weight.dtype or self.flat.device != weight.device:
             self.flat = torch.empty(sum(self.sizes), dtype=weight.dtype, device=weight.device)
             self.grad_buffer = torch.empty_like(self.flat)
@@ -292,7 +294,7 @@ class FastLoRA:
         def forward(x, *args, **kwargs):
             pass_ = self.current
             if (args or kwargs or pass_ is None or layer.disable_adapters or layer.merged
-                    or list(layer.active_adapters) != [ADAPTER]):
+                    or layer.active_adapters != [ADAPTER]):
                 return peft_forward(layer, x, *args, **kwargs)
             dtype = self.flat.dtype
             if x.dtype != dtype and not (  # autocast: a norm's fp32 output, cast like autocast would
