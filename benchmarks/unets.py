@@ -21,6 +21,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from trainer.models import UNET_TARGETS  # noqa: E402
 
+
+def quiet() -> None:
+    """diffusers warns on every `.to(bf16)` of a UNet built from a config; the tables are what matter."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
 RESOLUTION = {"sdxl": 1024, "tiny": 256}  # pixels; latents are 1/8 of that
 LABEL = {"sdxl": "SDXL UNet", "tiny": "tiny SDXL UNet"}
 
@@ -28,6 +35,7 @@ LABEL = {"sdxl": "SDXL UNet", "tiny": "tiny SDXL UNet"}
 def build_unet(kind: str, device, dtype) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
+    quiet()
     if kind == "sdxl":
         config = json.loads((HERE / "sdxl_base_unet_config.json").read_text())
     else:
