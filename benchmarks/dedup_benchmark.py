@@ -7,7 +7,7 @@ Photos: 12 MP JPEGs made from scikit-image's bundled sample photos (random crops
 shifts; every fifth one also saved as a half-size recompressed copy, a known near duplicate).
 Measured: hashing throughput per core (one process each, then each tool's own pool on every core),
 the duplicates each finds at the same Hamming threshold, and the all-pairs search on 1k, 10k and 100k
-random 64-bit hashes. Goals (issue 3): hashing >= 5x imagededup per core; 100k-hash search < 5 s on
+random 64-bit hashes. Goals: hashing >= 5x imagededup per core; 100k-hash search < 5 s on
 2 cores. Speed targets live here, not in the tests.
 
 imagededup's package imports torchvision at load time (for its CNN method, unused here); PyPI's

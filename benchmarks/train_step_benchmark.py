@@ -41,6 +41,12 @@ from trainer.optim import make_optimizer  # noqa: E402
 from trainer.step import Conditioning, micro_batch_generator, per_image_loss, sample_training_inputs  # noqa: E402
 
 REFERENCE = {1: 2.0, 4: 7.8, 8: 12.8}  # H200, plain diffusers+peft loop, SDXL at 1024², samples/s
+DIFFERENCES = """what lorapipe's step does differently from the plain loop:
+  LoRA layers  trainer/lora_layers.py over peft's weights (the middle row keeps peft's layers)
+  optimizer    lorapipe's multi-tensor Lion, not bitsandbytes' Lion (the same arithmetic, bit for bit)
+  data         latents drawn from the cached VAE posterior, noise from a generator seeded per
+               micro-batch (on the CPU, then copied), so a resumed run gets the same noise
+  host syncs   one per optimizer step in both ("s/step" is per optimizer step)"""
 LR, WEIGHT_DECAY, RANK, ALPHA = 4e-4, 1e-2, 8, 8.0
 
 
@@ -173,7 +179,8 @@ def benchmark_steps(args) -> None:
         ref = REFERENCE.get(batch) if label.startswith("plain") and args.model == "sdxl" else None
         print(f"{label:<36}{batch:>12}{rate:>11.2f}{batch * args.accumulate / rate:>9.3f}"
               f"{rate / plain[batch]:>9.2f}x{'-' if ref is None else ref:>11}")
-    print("reference: H200, plain loop, SDXL at 1024². Differences between the rows: see this file's docstring.")
+    print("reference: an H200, plain loop, SDXL at 1024², measured earlier (not in this run)")
+    print(DIFFERENCES)
 
 
 def benchmark_optimizers(args) -> None:

@@ -251,8 +251,9 @@ def photos(tmp_path_factory):
 
 
 def test_training_writes_the_lora_peft_s_step_writes(photos, tiny_models, monkeypatch):
-    """Through train_lora: the same files, key for key and value for value (Lion's sign steps absorb
-    the rounding-level gradient differences), from two micro-batches accumulated per step."""
+    """Through train_lora, two micro-batches accumulated per step: the same file, key for key and value
+    for value. Lion steps by the sign of its momentum, so rounding-level gradient differences change a
+    value only where that momentum is ~0: at most a few in a million values, by at most 2 lr a step."""
     root, ws, examples = photos
     config = TrainConfig(base_model=str(tiny_models.sdxl), epochs=3, micro_batch_size=1, effective_batch_size=2,
                          learning_rate=1e-2, alpha=8.0, device="cpu", sample_prompts=[], min_bucket_images=1)
@@ -265,5 +266,9 @@ def test_training_writes_the_lora_peft_s_step_writes(photos, tiny_models, monkey
             files.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
     (a, meta_a), (b, meta_b) = files
     assert a.keys() == b.keys() and meta_a == meta_b and len(a) == 2 * 242
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    values = sum(t.numel() for t in a.values())
+    differ = sum(int((a[k] != b[k]).sum()) for k in a)
+    assert differ <= values * 1e-5, f"{differ} of {values} values differ"  # 0 when this was written
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2 * config.learning_rate * fast.steps
     assert fast.losses == pytest.approx(plain.losses, rel=1e-5)
