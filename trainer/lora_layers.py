@@ -129,8 +129,8 @@ class _Gather(torch.autograd.Function):
             return (None,) * (2 + len(owner.params))
         full = owner.grad_buffer.to(owner.param_dtype, copy=True)
         owner.grad = full if complete else None
-        written = [w for s in owner.slots if s.row == 0 for w in
-                   [pass_.written_a[m.index] for m in s.group.slots] + [pass_.written_b[m.index] for m in s.group.slots]]
+        written = [w for g in owner.groups for w in  # owner.params' order: per group, its A's, then its B's
+                   [pass_.written_a[s.index] for s in g.slots] + [pass_.written_b[s.index] for s in g.slots]]
         chunks = full.split(owner.sizes)
         return (None, None, *(c.view(p.shape) if w else None for c, p, w in zip(chunks, owner.params, written)))
 
