@@ -179,13 +179,13 @@ def main() -> None:
     print()
     print(f"lorapipe dedup vs imagededup {version} PHash (find_duplicates, brute_force_cython), "
           f"threshold {t} bits, {n} JPEGs of 12 MP, {cores} cores")
-    print(f"{'measure':<48}{'lorapipe':>12}{'imagededup':>14}{'ratio':>9}")
+    print(f"{'measure':<48}{'lorapipe':>12}{'imagededup':>14}{'ratio':>12}")
     for label, ours, ref in rows:
-        print(f"{label:<48}{ours:>12.1f}{ref:>14.1f}{ours / ref:>8.1f}x")
+        print(f"{label:<48}{ours:>12.1f}{ref:>14.1f}{ours / ref:>11.1f}x")
     for size, ours_s, ref_s, note in search:
         ref_text = f"{note} {ref_s:.2f}".strip() if ref_s is not None else "-"
         ratio = f"{note} {ref_s / ours_s:.0f}x".strip()  # an estimated time gives an estimated ratio
-        print(f"{f'search, {size:,} hashes (s)':<48}{ours_s:>12.3f}{ref_text:>14}{ratio:>9}")
+        print(f"{f'search, {size:,} hashes (s)':<48}{ours_s:>12.3f}{ref_text:>14}{ratio:>12}")
     found = lambda pairs: f"{len(pairs & planted)}/{len(planted)} planted, {len(pairs - planted)} other"  # noqa: E731
     print(f"{'near-duplicate pairs found':<48}{found(ours_pairs):>26} (lorapipe)")
     print(f"{'':<48}{found(ref_pairs):>26} (imagededup)")
