@@ -57,6 +57,7 @@ from trainer.models import (
     lora_state,
     model_identity,
 )
+from trainer.lora_layers import attach as attach_fast_lora
 from trainer.optim import make_optimizer, resolve_optimizer
 from trainer.outputs import (
     LORA_WEIGHTS,
@@ -163,6 +164,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
 
     for module in (unet, *encoders):
         place(module, device, weight_dtype)
+        attach_fast_lora(module)  # peft's LoRA Linears, run with far fewer operations (same weights)
     if micro_batch_size == "auto":
         probed = probe_micro_batch(unet, largest, (unet.config.cross_attention_dim,
                                    unet.config.projection_class_embeddings_input_dim - 6 *
