@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from lorapipe.lifeline import die_with_parent
 from trainer.job import Job
 from trainer.loop import train_lora
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("job", help="job.json written by lorapipe's train stage")
     args = parser.parse_args(argv)
+    die_with_parent()  # a killed `lorapipe train` (or accelerate launcher) takes its trainer with it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

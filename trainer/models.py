@@ -45,31 +45,36 @@ def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = No
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from lorapipe.modelfiles import check_model_source
+
+    for source in (base_model, single_file_config, vae):
+        check_model_source(source)  # no pickle, by name, whatever torch's default would do
     if is_single_file(base_model):
-        if Path(base_model).suffix != ".safetensors":
-            raise ValueError(f"{base_model}: only .safetensors checkpoints are loaded (pickle files can run code)")
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config)
         parts = SDXLParts(
             pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
             DDPMScheduler.from_config(pipe.scheduler.config), dict(pipe.scheduler.config),
         )
     else:
+        weights = {"revision": revision, "use_safetensors": True}  # a stray .bin beside them is never read
         kw = {"revision": revision}
         from diffusers import EulerDiscreteScheduler
 
         parts = SDXLParts(
             tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
-            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **kw),
-            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2",
+                                                                       **weights),
+            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **weights),
             # Training adds noise with the DDPM formulation whatever sampler the model ships with.
             noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **kw),
             scheduler_config=dict(EulerDiscreteScheduler.load_config(base_model, subfolder="scheduler", **kw)),
         )
     if vae:
-        parts.vae = AutoencoderKL.from_single_file(vae) if is_single_file(vae) else AutoencoderKL.from_pretrained(vae)
+        parts.vae = (AutoencoderKL.from_single_file(vae) if is_single_file(vae)
+                     else AutoencoderKL.from_pretrained(vae, use_safetensors=True))
     for module in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
         module.requires_grad_(False)
         module.eval()
