@@ -42,23 +42,25 @@ def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
-def remove_temps(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
-    """Delete the temp files and folders a killed writer left in `folder` (names `prefix`... holding ".tmp").
+def remove_temps(folder: str | os.PathLike, pattern: str = f".*{TEMP_MARK}*") -> list[Path]:
+    """Delete the temp files and folders a killed writer left in `folder`: names matching `pattern` (a
+    glob; by default every temp name lorapipe makes: a leading "." and ".tmp").
 
-    Only safe while holding the lock of whoever writes there: a live writer's temp file looks the same.
-    Returns what was removed.
+    Only safe while holding the lock of whoever writes such names there: a live writer's temp file looks
+    the same. Returns what was removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for path in folder.iterdir():
-        if path.name.startswith(prefix) and path.name.startswith(".") and TEMP_MARK in path.name:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+    for path in folder.glob(pattern):
+        if not path.name.startswith(".") or TEMP_MARK not in path.name:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     if removed:
         log.info("removed %d unfinished temp files left in %s by an interrupted run", len(removed), folder)
     return removed

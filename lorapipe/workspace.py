@@ -18,6 +18,8 @@ from lorapipe.errors import UserError
 from lorapipe.fsutil import file_lock, remove_temps
 
 LOCKS = ".locks"
+# (folder, glob) of the temp files each stage writes outside manifests/ (fsutil.atomic_path names them).
+STAGE_TEMPS = {"collect": [("raw", ".*")], "crop": [("images", ".*.tmp.png")], "review": [("images", ".*.txt.*.tmp")]}
 
 
 def slugify(name: str) -> str:
@@ -51,12 +53,13 @@ class Workspace:
     def remove_stale_temps(self, stage: str) -> None:
         """Remove the temp files a killed run of `stage` left; call it holding `lock(stage)`.
 
-        Only collect writes raw/; a stage's manifest temp files are named after the stage. (A training
-        run folder has its own lock and clean-up: tasks/train.py.)
+        Only temp names this stage writes: all of raw/ (collect is its only writer), crops (`.x.png.….tmp.png`)
+        and caption sidecars (`.x.txt.….tmp`) in images/, the stage's own manifests. A training run folder
+        has its own lock and clean-up (tasks/train.py).
         """
-        if stage == "collect":
-            remove_temps(self.raw)
-        remove_temps(self.manifests, prefix=f".{stage}.")
+        for folder, pattern in STAGE_TEMPS.get(stage, []):
+            remove_temps(self.root / folder, pattern)
+        remove_temps(self.manifests, f".{stage}.*")
 
     @property
     def raw(self) -> Path:

@@ -167,3 +167,50 @@ def test_the_installed_command_prints_the_same_single_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"lorapipe: {job}: expected settings as `key: value` lines at the top level, "
                                    "not a list")
+
+
+# --- an untrained LoRA never replaces the latest one -------------------------------------------------
+
+
+def test_a_training_without_one_optimizer_step_writes_no_lora(tiny_models, tmp_path, workspace, monkeypatch):
+    """Every step skipped (non-finite losses): once an all-zero LoRA, exit 0."""
+    import torch
+
+    import trainer.loop as loop
+    from helpers import cropped_demo_records
+    from lorapipe.config import TrainConfig
+    from tasks.train import training_examples
+
+    records = cropped_demo_records(tmp_path / "photos", workspace, 2)
+    records = [r.model_copy(update={"caption": "a photo of Jane Doe", "review": "approved"}) for r in records]
+    nan_loss = lambda unet, scheduler, model_input, *rest: torch.full(  # noqa: E731
+        (model_input.shape[0],), float("nan"), requires_grad=True)
+    monkeypatch.setattr(loop, "per_image_loss", nan_loss)
+    config = TrainConfig(base_model=str(tiny_models.sdxl), epochs=1, effective_batch_size=2, micro_batch_size=2,
+                         sample_prompts=[], holdout_images=0, device="cpu")
+    with pytest.raises(RuntimeError, match=r"training took no optimizer step \(1 planned, 1 skipped"):
+        loop.train_lora(training_examples(records, workspace), config, tmp_path / "run", workspace.cache)
+    assert not (tmp_path / "run" / "lora").exists() and not (tmp_path / "run" / "train_result.json").exists()
+
+
+@pytest.mark.parametrize("steps, up, why", [(3, 0.0, "every LoRA up-weight is zero"),
+                                            (0, 0.5, "took 0 optimizer steps")])
+def test_export_refuses_an_untrained_lora_and_keeps_the_latest(tiny_models, workspace, steps, up, why):
+    import torch
+    from safetensors.torch import save_file
+
+    from lorapipe.config import TrainConfig
+    from tasks.export import run_export
+
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora = workspace.runs / "lora.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, 32), f"{key}.lora_B.weight": torch.full((32, 4), up)}, lora)
+    manifest = workspace.manifests / "review.jsonl"
+    manifest.write_text("")
+    latest = workspace.loras / "jane-doe.safetensors"
+    latest.write_bytes(b"the last good LoRA")
+    with pytest.raises(UserError, match=why):
+        run_export(str(lora), str(manifest), str(workspace.root), "Jane Doe", {"steps": steps, "final_loss": 0.1},
+                   TrainConfig(base_model=str(tiny_models.sdxl)), 256)
+    assert latest.read_bytes() == b"the last good LoRA" and sorted(p.name for p in workspace.loras.iterdir()) == [
+        "jane-doe.safetensors"]
