@@ -25,7 +25,6 @@ from flows.demo import demo_config
 from helpers import sha256_tree
 from lorapipe.config import PipelineConfig
 from lorapipe.errors import UserError
-from lorapipe.policy import POLICY_ENV, ServingPolicy, check_run
 from served import api, trigger, wait_final, wait_for_deployment
 
 SECRET = "sk-this-must-never-leave-the-worker"
@@ -95,6 +94,8 @@ def merged(base: dict, change: dict) -> dict:
 
 
 def test_each_parameter_beyond_the_policy_is_refused_naming_it(tmp_path, monkeypatch):
+    from lorapipe.policy import POLICY_ENV, ServingPolicy, check_run
+
     listener = Listener()
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     served = {"name": "Jane Doe", "images": str(inside / "photos"), "workspace": str(inside / "ws")}
@@ -118,6 +119,7 @@ def test_each_parameter_beyond_the_policy_is_refused_naming_it(tmp_path, monkeyp
 
 def test_a_key_goes_only_to_the_listed_server_and_only_an_allowed_one(monkeypatch):
     from lorapipe.config import CaptionConfig
+    from lorapipe.policy import POLICY_ENV, ServingPolicy
     from tasks.caption import api_key, check_api_destination
 
     policy = ServingPolicy(api_base_urls=["http://10.0.0.5:8000/v1"], api_key_envs=["VLM_KEY"])
@@ -181,7 +183,7 @@ def test_runs_started_through_the_api_reach_nothing_beyond_the_policy(prefect_se
             # Job variables are the run's to set too; with `serve` they never reach the run's environment.
             escape = client.create_flow_run_from_deployment(
                 dataset.id, parameters={"config": merged(served, cases["API key to the listener"][0])},
-                job_variables={"env": {POLICY_ENV: "", "LORAPIPE_SERVING_POLICY": ""}})
+                job_variables={"env": {"LORAPIPE_SERVING_POLICY": ""}})
             runs["policy unset by job variables"] = escape.id
             finals = {case: wait_final(client, run_id, timeout=300) for case, run_id in runs.items()}
         time.sleep(2)  # anything still on its way to the listener arrives
