@@ -121,7 +121,7 @@ def default_policy(config: PipelineConfig | None, cwd: Path | None = None) -> Se
     roots = [str((cwd or Path.cwd()) / "workspaces")]
     if config is None:
         return ServingPolicy(path_roots=roots)
-    roots += [*local_sources(config), str(config.workspace_path()), *local_models(config)]
+    roots += [*local_sources(config), str(config.workspace_path()), *(path for _, path in local_models(config))]
     caption = config.caption
     api = {}
     if caption.backend == "openai":
@@ -140,12 +140,12 @@ def is_local_model(value: str) -> bool:
     return not HUB_ID.match(value) or Path(value).expanduser().exists()
 
 
-def local_models(config: PipelineConfig) -> list[str]:
+def local_models(config: PipelineConfig) -> list[tuple[str, str]]:
+    """(setting, path) of each model the settings name by a local path."""
     train, caption = config.train, config.caption
-    named = [train.base_model, train.base_model_config, train.vae]
-    if caption.backend == "transformers":
-        named.append(caption.model)
-    return [m for m in named if m and is_local_model(m)]
+    named = [("train.base_model", train.base_model), ("train.base_model_config", train.base_model_config),
+             ("train.vae", train.vae), ("caption.model", caption.model if caption.backend == "transformers" else None)]
+    return [(setting, value) for setting, value in named if value and is_local_model(value)]
 
 
 def _under(path: str, roots: list[Path]) -> bool:
@@ -157,11 +157,7 @@ def path_problems(config: PipelineConfig, policy: ServingPolicy, manifest: str |
     roots = [Path(r).expanduser().resolve() for r in policy.path_roots]
     named = [("images", s) for s in local_sources(config)]
     named.append(("workspace", str(config.workspace_path())))
-    named += [(f"{section}.{field}", value) for section, field, value in (
-        ("train", "base_model", config.train.base_model), ("train", "base_model_config", config.train.base_model_config),
-        ("train", "vae", config.train.vae),
-        ("caption", "model", config.caption.model if config.caption.backend == "transformers" else None),
-    ) if value and is_local_model(value)]
+    named += local_models(config)
     if manifest:
         named.append(("manifest", manifest))
     allowed = ", ".join(policy.path_roots) or "none"
