@@ -47,7 +47,8 @@ class CollectConfig(Strict):
     max_file_bytes: int = Field(
         40_000_000, ge=1, le=2_000_000_000, description="Largest file taken from a download or an archive")
     max_archive_bytes: int = Field(
-        2_000_000_000, ge=1, le=10**12, description="Most bytes unpacked from one archive in total (zip bombs stop here)"
+        2_000_000_000, ge=1, le=10**12,
+        description="Most bytes unpacked from one archive in total (zip bombs stop here)",
     )
     max_archive_members: int = Field(
         20_000, ge=1, le=10_000_000,
@@ -342,8 +343,8 @@ def settings_problems(err: ValidationError) -> str:
     joined by "or", instead of pydantic's one entry per alternative under internal names.
     """
     problems: dict[str, list[str]] = {}
-    for e in err.errors():
-        where = ".".join(str(part) for part in e["loc"] if not (isinstance(part, str) and ("-" in part or "[" in part)))
+    for e in err.errors():  # pydantic names alternatives "constrained-int", "literal['auto']": not settings
+        where = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
         problems.setdefault(where or "settings", []).append(e["msg"])
     return "; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in problems.items())
 

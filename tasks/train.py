@@ -54,9 +54,10 @@ def trainer_command(job_file, config: TrainConfig) -> list[str]:
     if config.num_processes > 1:
         # --multi_gpu is accelerate's DDP launcher; on a machine without GPUs it runs DDP on the CPU (gloo).
         # The launcher runs under lorapipe.lifeline (it dies with us); its trainers die with it.
-        return [sys.executable, "-m", "lorapipe.lifeline", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                "--num_processes", str(config.num_processes), "--dynamo_backend", "no", "--mixed_precision",
-                "bf16" if config.mixed_precision == "bf16" else "no", "-m", "trainer", str(job_file)]
+        return [sys.executable, "-m", "lorapipe.lifeline", "accelerate.commands.launch", "--multi_gpu",
+                "--num_machines", "1", "--num_processes", str(config.num_processes), "--dynamo_backend", "no",
+                "--mixed_precision", "bf16" if config.mixed_precision == "bf16" else "no",
+                "-m", "trainer", str(job_file)]
     return [sys.executable, "-m", "trainer", str(job_file)]
 
 

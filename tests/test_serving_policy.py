@@ -77,7 +77,8 @@ def bad_parameters(listener: Listener, outside: Path) -> dict[str, tuple[dict, s
         "base model outside": ({"train": {"base_model": str(outside / "model")}}, "train.base_model: "),
         "VAE outside": ({"train": {"vae": str(outside / "vae.safetensors")}}, "train.vae: "),
         "captioner outside": ({"caption": {"model": str(outside / "model")}}, "caption.model: "),
-        "cluster at the listener": ({"scale_out": {"task_runner": "dask", "address": f"tcp://127.0.0.1:{listener.port}"}},
+        "cluster at the listener": ({"scale_out": {"task_runner": "dask",
+                                                   "address": f"tcp://127.0.0.1:{listener.port}"}},
                                     "scale_out.address: "),
         "remote code": ({"caption": {"trust_remote_code": True}}, "caption.trust_remote_code"),
     }
