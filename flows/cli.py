@@ -7,15 +7,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.errors import UserError
-from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config
+from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config, read_settings, settings_problems
 from lorapipe.fsutil import atomic_write_json, read_json
+from lorapipe.local_server import prefect_api
+from lorapipe.policy import ServingPolicy
 from lorapipe.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -44,14 +46,21 @@ def _images(images: Optional[List[str]]) -> str | list[str] | None:
     return images[0] if len(images) == 1 else list(images)
 
 
+def _fail(message: str) -> NoReturn:
+    """A usage error: one line on stderr, exit status 2 (as main() prints a UserError raised later on)."""
+    typer.echo(f"lorapipe: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
     try:
         if config_file:
             return load_config(config_file, **overrides)
         return PipelineConfig.model_validate(overrides)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise typer.BadParameter(f"{config_file or 'flags'}: {problems} (see `lorapipe run --help`)")
+        _fail(f"flags: {settings_problems(err)} (see `lorapipe run --help`)")
+    except UserError as err:
+        _fail(str(err))
 
 
 @app.command()
@@ -102,22 +111,31 @@ def _run(config: PipelineConfig) -> None:
     from flows.pipeline import pipeline
     from flows.summary import print_summary
 
-    result = pipeline(config)
+    with prefect_api():
+        result = pipeline(config)
     print_summary(result)
 
 
 def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Workspace, PipelineConfig]:
-    ws = Workspace.at(workspace)
-    saved = read_json(ws.root / "config.json") if (ws.root / "config.json").exists() else {}
-    if config_file:
-        import yaml
-
-        saved = deep_merge(saved, yaml.safe_load(config_file.read_text()) or {})
-    saved.setdefault("workspace", str(ws.root))
     try:
+        ws = Workspace.at(workspace)
+        remembered = ws.root / "config.json"
+        saved = {}
+        if remembered.exists():
+            try:
+                saved = read_json(remembered)
+            except ValueError as err:
+                raise UserError(f"{remembered}: not valid JSON ({err}); pass --config to replace it") from None
+        if config_file:
+            saved = deep_merge(saved, read_settings(config_file))
+        saved.setdefault("workspace", str(ws.root))
         config = PipelineConfig.model_validate(saved)
-    except ValueError as err:
-        raise typer.BadParameter(f"{workspace}: no usable config.json (run `lorapipe run` first, or pass --config): {err}")
+    except UserError as err:
+        _fail(str(err))
+    except ValidationError as err:
+        if not config_file and not remembered.exists():
+            _fail(f"{workspace}: no config.json yet (run `lorapipe run` first, or pass --config)")
+        _fail(f"{config_file or remembered}: {settings_problems(err)}")
     if config_file:  # later stage commands on this workspace need no --config
         atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     return ws, config
@@ -129,7 +147,7 @@ def _input_manifest(ws: Workspace, stage: str, config: PipelineConfig) -> str:
     try:
         return input_for(stage, ws, config)[0]
     except MissingInput as err:
-        raise typer.BadParameter(str(err))
+        _fail(str(err))
 
 
 def _print(result: dict) -> None:
@@ -150,10 +168,12 @@ def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides
         try:
             [source_kind(source) for source in resolve_sources(cfg.images)]
         except FileNotFoundError as err:
-            raise typer.BadParameter(str(err))
+            _fail(str(err))
     else:
         _input_manifest(ws, stage, cfg)
-    _print(stage_flow(stage, cfg))
+    with prefect_api():
+        result = stage_flow(stage, cfg)
+    _print(result)
 
 
 @app.command()
@@ -204,7 +224,7 @@ def review(
     from rich.console import Console
     from rich.table import Table
 
-    from flows.review import resume_paused_run
+    from flows.review import PAUSE_FILE, resume_paused_run
     from lorapipe.manifest import read_manifest
     from tasks.review import (decision_from_csv, decision_from_sidecars, display_name, record_decisions,
                               run_review, waiting_for_review, write_review_csv)
@@ -237,7 +257,10 @@ def review(
         sheet = write_review_csv(records, ws.root / "review.csv")
         console.print(f"Edit captions or set action to approve/drop in {sheet}, then: lorapipe review {ws.root} "
                       f"--csv {sheet}   (or --approve-all)")
-    resumed = resume_paused_run(ws, reviewer) if (resume or not waiting) else None
+    resumed = None
+    if (resume or not waiting) and (ws.root / PAUSE_FILE).exists():  # a server only when a run waits
+        with prefect_api():
+            resumed = resume_paused_run(ws, reviewer)
     _print({"decisions_recorded": recorded, "waiting": len(waiting), "stats": result["stats"],
             "manifest": result["manifest"], "resumed_flow_run": resumed})
 
@@ -261,10 +284,24 @@ def serve(
                                           "0 leaves the limit alone)"),
     notify: Optional[str] = typer.Option(
         None, help="Notification block TYPE/NAME (e.g. slack-webhook/team) told when captions wait for review"),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy", help="Serving policy YAML: what runs may reach (the options below add to it)"),
+    allow_path: List[Path] = typer.Option(
+        [], help="Folder runs may name paths under (repeat; default: the --config's paths and ./workspaces)"),
+    allow_address: List[str] = typer.Option(
+        [], help="Non-public address or network downloads and VLM APIs may reach, e.g. 10.0.0.0/8 (repeat)"),
+    api_base_url: List[str] = typer.Option(
+        [], help="VLM API server runs may use, whatever its address; keys go to these only (repeat)"),
+    api_key_env: List[str] = typer.Option([], help="Environment variable runs may name as the API key (repeat)"),
+    api_key_secret: List[str] = typer.Option([], help="Prefect Secret block runs may name as the API key (repeat)"),
+    scale_out_address: List[str] = typer.Option([], help="Dask/Ray scheduler runs may send captioning to (repeat)"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Let runs set trust_remote_code"),
 ) -> None:
     """Serve the deployments (pipeline, dataset, train, nightly) from this process, for the Prefect UI.
 
     Needs a server: `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
+    Runs are held to a serving policy fixed here (see README, "A team server"): the folders, addresses,
+    API servers and API keys their parameters may name.
     """
     import os
 
@@ -274,14 +311,30 @@ def serve(
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
-            raise typer.BadParameter("no Prefect server: run `prefect server start`, then "
-                                     "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+            _fail("no Prefect server: run `prefect server start`, then "
+                  "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
     try:
         schedule = NightlyConfig(cron=nightly_cron, timezone=timezone, active=not no_nightly)
     except ValidationError as err:
-        raise typer.BadParameter("; ".join(e["msg"] for e in err.errors()))
+        _fail("; ".join(e["msg"] for e in err.errors()))
     defaults = _config(config, {}) if config else None
-    serve_deployments(defaults, schedule, gpu_slots or None, notify)
+    try:
+        serving = _serving_policy(defaults, policy, ServingPolicy(
+            path_roots=[str(p.expanduser().resolve()) for p in allow_path], allow_addresses=allow_address,
+            api_base_urls=api_base_url, api_key_envs=api_key_env, api_key_secrets=api_key_secret,
+            scale_out_addresses=scale_out_address, allow_remote_code=allow_remote_code))
+        serve_deployments(defaults, schedule, gpu_slots or None, notify, serving)
+    except UserError as err:
+        _fail(str(err))
+
+
+def _serving_policy(defaults: Optional[PipelineConfig], policy_file: Optional[Path], flags) -> "ServingPolicy":
+    """The policy file (or LORAPIPE_SERVING_POLICY) with the flags added, defaults where both say nothing."""
+    from lorapipe.policy import current_policy, policy_from_settings, read_policy_file, with_defaults
+
+    base = read_policy_file(policy_file) if policy_file else current_policy()
+    merged = base.merged(flags) if base else flags
+    return with_defaults(policy_from_settings(merged.model_dump(), "serve options"), defaults)
 
 
 class CurrentStderrHandler(logging.StreamHandler):

@@ -13,6 +13,7 @@ from flows.review import ask_a_person
 from flows.stages import input_for, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
+from lorapipe.policy import check_run
 from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
 from tasks.review import record_decisions_task
@@ -31,6 +32,7 @@ def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
 @flow(name="dataset")
 def dataset_flow(config: PipelineConfig) -> dict:
     """Collect, validate, dedup, crop, caption and review: a workspace of approved training images."""
+    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
     ws = Workspace.at(config.workspace_path())
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     stages: dict = {}
@@ -61,6 +63,7 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
         config: The pipeline's settings (the workspace to train from, and the recipe)
         manifest: A reviewed manifest; empty: the workspace's latest (WORKSPACE/manifests/review.jsonl)
     """
+    check_run(config, manifest)
     ws = Workspace.at(config.workspace_path())
     if manifest is None:
         manifest, _ = input_for("train", ws, config)
@@ -75,6 +78,7 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
+    check_run(config)
     dataset = dataset_flow(config)
     trained = train_flow(config, dataset["manifest"])
     result = {

@@ -18,9 +18,12 @@ from prefect.cache_policies import NO_CACHE
 from captioners import clip_token_counter, finish_caption, load_captioner
 from captioners.postprocess import POSTPROCESS_VERSION
 from lorapipe.config import CaptionConfig
+from lorapipe.errors import UserError
 from lorapipe.fsutil import stable_hash
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
+from lorapipe.modelfiles import check_model_source
+from lorapipe.policy import api_key_problem, caption_destination_problem, current_policy
 from lorapipe.workspace import Workspace, slugify
 from tasks.progress import StageProgress
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
@@ -40,21 +43,42 @@ def raw_caption_key(record: ImageRecord, config: CaptionConfig) -> str:
 
 
 def api_key(config: CaptionConfig) -> str | None:
-    """From a Prefect Secret block when one is named, else from the environment. Never logged."""
+    """From a Prefect Secret block when one is named, else from the environment (an empty name: no key).
+    Never logged. Under a serving policy, only a variable or block the operator allowed (lorapipe/policy.py).
+
+    Raises:
+        UserError: the policy does not allow the variable or block named.
+    """
+    if (policy := current_policy()) is not None:
+        if problem := api_key_problem(config.api_key_env, config.api_key_secret, policy):
+            raise UserError(f"refused by this deployment's serving policy: {problem}")
     if config.api_key_secret:
         from prefect.blocks.system import Secret
 
         return Secret.load(config.api_key_secret).get()
-    return os.environ.get(config.api_key_env)
+    return os.environ.get(config.api_key_env) if config.api_key_env else None
+
+
+def check_api_destination(config: CaptionConfig) -> None:
+    """Under a serving policy, photos (and a key) go only where the operator allows (lorapipe/policy.py);
+    checked here, where the requests are made, as well as when the run starts.
+
+    Raises:
+        UserError: the base URL is not listed and its host is not public, or a key would go to an unlisted one.
+    """
+    if (policy := current_policy()) is not None and (problem := caption_destination_problem(config, policy)):
+        raise UserError(f"refused by this deployment's serving policy: caption.api_base_url: {problem}")
 
 
 def open_captioner(config: CaptionConfig):
     if config.backend == "openai":
+        check_api_destination(config)
         return load_captioner(
             "openai", config.model, base_url=config.api_base_url, api_key=api_key(config),
             max_new_tokens=config.max_new_tokens, concurrency=config.api_concurrency,
             timeout_seconds=config.api_timeout_seconds, max_retries=config.api_max_retries,
         )
+    check_model_source(config.model)  # no pickle weights, by name
     return load_captioner(
         "transformers", config.model, revision=config.revision, device=config.device, batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens, quantization=config.quantization,

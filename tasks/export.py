@@ -2,6 +2,8 @@
 
 `<name>.safetensors` is kohya format (ComfyUI, A1111, Forge; diffusers loads it too);
 `<name>.diffusers.safetensors` is diffusers format. Both also keep a copy named by the run's key.
+A training that took no optimizer step, or whose LoRA is all zeros (it equals the base model), is refused
+before anything is written: the latest LoRA stays the last good one.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import logging
 from pathlib import Path
 
 from lorapipe.config import TrainConfig
+from lorapipe.errors import UserError
 from lorapipe.fsutil import atomic_copy, sha256_file
 from lorapipe.manifest import read_manifest
 from lorapipe.workspace import Workspace, slugify
 from tasks.stage import code_version, stage_key, stage_task
-from trainer.export import export_diffusers_lora, export_kohya_lora, kohya_metadata
+from trainer.export import export_diffusers_lora, export_kohya_lora, kohya_metadata, read_lora
 from trainer.models import is_single_file
 
 log = logging.getLogger("lorapipe.export")
@@ -64,6 +67,23 @@ def unet_layers_per_block(config: TrainConfig) -> int:
     return int(unet["layers_per_block"])
 
 
+def check_trained(lora_file: str, train_result: dict) -> None:
+    """Refuse a LoRA no training changed: 0 optimizer steps, or every up-projection (peft's lora_B,
+    kohya's lora_up; zero at initialisation) still zero.
+
+    Raises:
+        UserError: naming the file and why; nothing has been written.
+    """
+    if not train_result.get("steps"):
+        raise UserError(f"{lora_file}: the training took 0 optimizer steps; not exported (the latest LoRA is "
+                        "left as it was)")
+    tensors, _ = read_lora(lora_file)
+    ups = [t for k, t in tensors.items() if "lora_B" in k or "lora_up" in k]
+    if not ups or all(not t.any() for t in ups):
+        raise UserError(f"{lora_file}: every LoRA up-weight is zero, so it equals the base model; not exported "
+                        "(the latest LoRA is left as it was)")
+
+
 CODE = code_version(__name__, "trainer.export", "trainer.kohya")
 
 
@@ -75,6 +95,7 @@ def export_key(lora_file: str, manifest: str, workspace: str, name: str, train_r
 
 def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
                train_config: TrainConfig, resolution: int) -> dict:
+    check_trained(lora_file, train_result)
     ws = Workspace.at(workspace)
     key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution)
     records = trained_records(manifest, train_result)

@@ -2,7 +2,9 @@
 
 The trainer runs in its own process (`python -m trainer job.json`, or `accelerate launch` on several
 GPUs): a hang or an out-of-memory crash can be timed out and retried, and a retry resumes from the
-last complete checkpoint instead of starting over.
+last complete checkpoint instead of starting over. The trainer dies with the process that started it
+(lorapipe/lifeline.py), and a run folder admits one trainer at a time: a lock (RUN_LOCK) held by this
+process and the trainer together, released by the kernel when both have ended.
 
 A run is named by what changes its weights (trainer/identity.py): rerunning with another timeout or
 sampling setting resumes the same run; another learning rate is a new run, and the log says which
@@ -24,8 +26,9 @@ from pathlib import Path
 from lorapipe.buckets import bucket_name, merge_targets
 from lorapipe.config import CropConfig, TrainConfig
 from lorapipe.errors import UserError
-from lorapipe.fsutil import atomic_copy
+from lorapipe.fsutil import atomic_copy, file_lock, remove_temps
 from lorapipe.item_cache import ItemCache
+from lorapipe.lifeline import child_env
 from lorapipe.manifest import ImageRecord, read_manifest, write_manifest
 from lorapipe.workspace import Workspace, slugify
 from tasks.crop import crop_to_bucket, cropped_fields
@@ -38,6 +41,8 @@ from trainer.job import JOB_FILE, Job
 from trainer.loop import LORA_WEIGHTS
 
 log = logging.getLogger("lorapipe.train")
+
+RUN_LOCK = ".lock"
 
 
 def trainable(record: ImageRecord) -> bool:
@@ -108,9 +113,11 @@ def training_examples(records: list[ImageRecord], ws: Workspace) -> list[Example
 def trainer_command(job_file, config: TrainConfig) -> list[str]:
     if config.num_processes > 1:
         # --multi_gpu is accelerate's DDP launcher; on a machine without GPUs it runs DDP on the CPU (gloo).
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                "--num_processes", str(config.num_processes), "--dynamo_backend", "no", "--mixed_precision",
-                "bf16" if config.mixed_precision == "bf16" else "no", "-m", "trainer", str(job_file)]
+        # The launcher runs under lorapipe.lifeline (it dies with us); its trainers die with it.
+        return [sys.executable, "-m", "lorapipe.lifeline", "accelerate.commands.launch", "--multi_gpu",
+                "--num_machines", "1", "--num_processes", str(config.num_processes), "--dynamo_backend", "no",
+                "--mixed_precision", "bf16" if config.mixed_precision == "bf16" else "no",
+                "-m", "trainer", str(job_file)]
     return [sys.executable, "-m", "trainer", str(job_file)]
 
 
@@ -140,14 +147,24 @@ def run_trainer(job: Job, progress_key: str | None = None) -> dict:
 
     The trainer logs a line per optimizer step; after each line its progress.json is checked and, when it
     changed, reported (progress artifact, terminal bar, log line) with epoch, step, loss and ETA.
+    Another trainer in the same run folder (a killed run's, not yet gone): this waits for it to end.
     """
+    with file_lock(job.run_dir / RUN_LOCK, f"the training run {job.run_dir}") as lock:
+        for folder in (job.run_dir, job.run_dir / "checkpoints", job.run_dir / "samples"):
+            remove_temps(folder)  # what a killed trainer was writing; we hold the lock, so no one is now
+        return _run_locked(job, progress_key, lock.fileno())
+
+
+def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
     job_file = job.write()
     command = trainer_command(job_file, job.config)
     tail: deque[str] = deque(maxlen=30)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
     watch = ProgressFile(job.run_dir)
     watch.read_if_changed()  # a resumed run's old progress is not news
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc, \
+    # pass_fds: the trainer holds the run folder's lock too, so it stays locked while either process lives.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          pass_fds=(lock_fd,)) as proc, \
             StageProgress("train", 1, "steps", key=progress_key, log_every=3600) as progress:
         def report() -> None:
             if (p := watch.read_if_changed()) is not None:

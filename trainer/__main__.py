@@ -12,6 +12,7 @@ import logging
 import sys
 
 from lorapipe.errors import UserError
+from lorapipe.lifeline import die_with_parent
 from trainer.job import Job
 from trainer.loop import train_lora
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("job", help="job.json written by lorapipe's train stage")
     args = parser.parse_args(argv)
+    die_with_parent()  # a killed `lorapipe train` (or accelerate launcher) takes its trainer with it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -311,7 +311,10 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
             raise TimeoutError(f"training stopped after {config.timeout_minutes} minutes at step {step + 1}; "
                                "rerun to resume from the last checkpoint")
 
-    # 6. Save.
+    # 6. Save: never a LoRA no optimizer step changed (it would equal the base model, and replace a good one).
+    if not losses:
+        raise RuntimeError(f"training took no optimizer step ({len(steps)} planned, {skipped} skipped for "
+                           "non-finite losses): no LoRA written")
     lora_dir = run_dir / "lora"
     result = TrainResult(
         lora_dir=str(lora_dir), steps=len(losses), images=len(examples), losses=losses,

@@ -48,25 +48,29 @@ def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = No
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from lorapipe.modelfiles import check_model_source
+
+    for source in (base_model, single_file_config, vae):
+        check_model_source(source)  # no pickle, by name, whatever torch's default would do
     if is_single_file(base_model):
-        if Path(base_model).suffix != ".safetensors":
-            raise ValueError(f"{base_model}: only .safetensors checkpoints are loaded (pickle files can run code)")
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config)
         parts = SDXLParts(
             pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
             DDPMScheduler.from_config(pipe.scheduler.config), dict(pipe.scheduler.config),
         )
     else:
+        weights = {"revision": revision, "use_safetensors": True}  # a stray .bin beside them is never read
         kw = {"revision": revision}
         from diffusers import EulerDiscreteScheduler
 
         parts = SDXLParts(
             tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
-            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **kw),
-            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2",
+                                                                       **weights),
+            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **weights),
             # Training adds noise with the DDPM formulation whatever sampler the model ships with.
             noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **kw),
             scheduler_config=dict(EulerDiscreteScheduler.load_config(base_model, subfolder="scheduler", **kw)),
@@ -88,11 +92,12 @@ def load_vae(vae: str, base_model: str, revision: str | None = None, single_file
     """
     from diffusers import AutoencoderKL
 
+    from lorapipe.modelfiles import check_model_source
+
+    check_model_source(vae)  # no pickle, by name
     kwargs = {} if dtype is None else {"dtype": dtype}
     if not is_single_file(vae):
-        return AutoencoderKL.from_pretrained(vae, **kwargs)
-    if Path(vae).suffix != ".safetensors":
-        raise UserError(f"{vae}: only .safetensors VAE files are loaded (pickle files can run code)")
+        return AutoencoderKL.from_pretrained(vae, use_safetensors=True, **kwargs)
     config = base_model if not is_single_file(base_model) else (single_file_config or SDXL_BASE)
     return AutoencoderKL.from_single_file(vae, config=config, subfolder="vae", revision=revision, **kwargs)
 

@@ -16,6 +16,10 @@ def load_pipeline(base_model: str, revision: str | None = None, vae: str | None 
                   single_file_config: str | None = None):
     from diffusers import StableDiffusionXLPipeline
 
+    from lorapipe.modelfiles import check_model_source
+
+    for source in (base_model, single_file_config, vae):
+        check_model_source(source)  # no pickle, by name (the evaluate stage loads these too)
     device = resolve_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs = {"dtype": dtype}
@@ -24,7 +28,8 @@ def load_pipeline(base_model: str, revision: str | None = None, vae: str | None 
     if is_single_file(base_model):
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config, **kwargs)
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, revision=revision, **kwargs)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, revision=revision, use_safetensors=True,
+                                                         **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
