@@ -69,7 +69,7 @@ def qwen2_tokenizer(extra: list[str]):
 
     vocab, merges = bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *extra]})
     return tokenizer
 
 
@@ -399,7 +399,7 @@ def paligemma(seed: int = 0):
                      "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                      "eos_token_id": tokenizer.eos_token_id},
         image_token_index=processor.image_token_id, projection_dim=32, hidden_size=32,
-        vocab_size=len(tokenizer))
+        vocab_size=len(tokenizer), tie_word_embeddings=False)  # tied, random weights repeat the last token
     return finish(PaliGemmaForConditionalGeneration(config), tokenizer), processor
 
 
