@@ -78,7 +78,8 @@ def gemma_tokenizer(extra: list[str], extra_special_tokens: dict | None = None):
     from transformers import GemmaTokenizer
 
     vocab, merges = bpe(["<unk>", "<pad>", "<eos>", "<bos>"], metaspace=True)
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=extra_special_tokens or {})
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True,
+                               extra_special_tokens=extra_special_tokens or {})
     tokenizer.add_special_tokens({"additional_special_tokens": extra})
     return tokenizer
 
