@@ -76,7 +76,8 @@ class TransformersCaptioner:
         try:
             processor = AutoProcessor.from_pretrained(model, **kwargs)
         except ImportError as err:  # a requirement check_installed does not know of
-            raise UserError(f"caption.model {model!r}: its processor cannot load here: {str(err).splitlines()[0]}") from err
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"caption.model {model!r}: its processor cannot load here: {first_line}") from err
         require_prompt_format(model, family_of(model_type), processor)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         if quantization != "none":

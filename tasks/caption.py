@@ -63,8 +63,9 @@ class FailureLog:
     def __init__(self, ws: Workspace):
         self.store = ItemCache(ws.cache, "caption-failures")
 
-    def put(self, key: str, answer: Answer) -> None:
-        self.store.put(key, {"error": answer.error, "permanent": answer.permanent, "fresh": True})
+    def put(self, key: str, answer: Answer, fresh: bool) -> None:
+        """`fresh`: asked by a fan-out's worker, for the caption stage of this run to take as it is."""
+        self.store.put(key, {"error": answer.error, "permanent": answer.permanent, "fresh": fresh})
 
     def has(self, key: str) -> bool:
         return self.store.get(key) is not None
@@ -73,8 +74,7 @@ class FailureLog:
         entry = self.store.get(key)
         return Answer(error=entry["error"], permanent=entry["permanent"]) if entry and entry["fresh"] else None
 
-    def settle(self, key: str, answer: Answer) -> None:
-        self.store.put(key, {"error": answer.error, "permanent": answer.permanent, "fresh": False})
+
 
 
 def api_key(config: CaptionConfig) -> str | None:
@@ -110,12 +110,12 @@ class Asked:
     computed: list[int] = field(default_factory=list)
 
 
-def raw_captions(records: list[ImageRecord], ws: Workspace, config: CaptionConfig,
-                 progress_key: str | None = None, skip: frozenset[int] = frozenset()) -> Asked:
+def raw_captions(records: list[ImageRecord], ws: Workspace, config: CaptionConfig, progress_key: str | None = None,
+                 skip: frozenset[int] = frozenset(), fan_out: bool = False) -> Asked:
     """The model's answer for every kept record, from the per-image cache or the model (`skip`: not asked).
 
-    Usable answers are cached as they come; failures go to the FailureLog. When the captioner stops
-    (CaptionerStopped), what it answered before is kept and the error is raised.
+    Usable answers are cached as they come; failures go to the FailureLog (fresh when asked by a fan-out's
+    worker). When the captioner stops (CaptionerStopped), what it answered before is kept and the error raised.
     """
     cache, failure_log = ItemCache(ws.cache, "captions"), FailureLog(ws)
     keys = {i: raw_caption_key(r, config) for i, r in enumerate(records) if r.kept}
@@ -132,7 +132,7 @@ def raw_captions(records: list[ImageRecord], ws: Workspace, config: CaptionConfi
             cache.put(keys[i], {"raw": answer.text, **captioner.identity})  # saved as we go: a crash keeps them
         else:
             asked.failures[i] = answer
-            failure_log.put(keys[i], answer)
+            failure_log.put(keys[i], answer, fresh=fan_out)
 
     started = time.monotonic()  # after loading: the rate (and so the ETA) is the model's, not the disk's
     todo = asked.computed
@@ -183,9 +183,9 @@ def caption_records(
     handed = {i: f for i, key in answer_keys.items() if cache.get(key) is None and (f := failure_log.fresh(key))}
     asked = raw_captions(records, ws, config, progress_key=f"{slugify(name)}-caption-progress",
                          skip=frozenset(handed))
+    for i, failure in handed.items():
+        failure_log.put(answer_keys[i], failure, fresh=False)  # taken: the next run asks again
     failures = {**handed, **asked.failures}
-    for i, failure in failures.items():
-        failure_log.settle(answer_keys[i], failure)
     fail_if_nothing_could_caption(len(asked.computed) + len(handed), failures)
     warn_failures(failures, len(keys))
 
@@ -203,8 +203,8 @@ def caption_records(
         if i in failures:
             update = {"caption": "", "caption_error": failures[i].error}
         else:
-            update = {"caption": finish_caption(asked.raw[i], name, config.class_word, count_tokens, CLIP_MAX_TOKENS),
-                      "caption_error": None}
+            text = finish_caption(asked.raw[i], name, config.class_word, count_tokens, CLIP_MAX_TOKENS)
+            update = {"caption": text, "caption_error": None}
         out[i] = out[i].model_copy(update={**update, "caption_by": caption_by, "review": None})
     computed = len(asked.computed)
     return out, {"computed": computed, "reused": len(keys) - computed - len(handed), "captions": len(keys),
@@ -241,7 +241,8 @@ def failed_before(manifest: str, workspace: str, config: CaptionConfig) -> bool:
     """Some kept image has no cached answer because a captioner was asked and gave no usable caption."""
     records = {r.id: r for r in read_manifest(manifest)}
     failure_log = FailureLog(Workspace.at(workspace))
-    return any(failure_log.has(raw_caption_key(records[i], config)) for i in uncaptioned_ids(manifest, workspace, config))
+    pending = uncaptioned_ids(manifest, workspace, config)
+    return any(failure_log.has(raw_caption_key(records[i], config)) for i in pending)
 
 
 def run_caption_chunk(manifest: str, workspace: str, config: CaptionConfig, ids: list[str]) -> dict:
@@ -251,7 +252,7 @@ def run_caption_chunk(manifest: str, workspace: str, config: CaptionConfig, ids:
     """
     wanted = set(ids)
     records = [r for r in read_manifest(manifest) if r.id in wanted]
-    asked = raw_captions(records, Workspace.at(workspace), config)
+    asked = raw_captions(records, Workspace.at(workspace), config, fan_out=True)
     return {"images": len(records), "computed": len(asked.computed), "failed": len(asked.failures),
             "pid": os.getpid()}
 
