@@ -25,6 +25,7 @@ class TaskPrompt:
 
     default: str
     accepts: str  # a regex of the task prompts that caption; any other `caption.prompt` is replaced by `default`
+    image_token_first: bool = False  # the processor expects the image token(s) written before the prompt
 
     def for_prompt(self, prompt: str) -> str:
         return prompt.strip() if re.fullmatch(self.accepts, prompt.strip()) else self.default
@@ -60,7 +61,8 @@ FAMILIES = {
     "idefics3": Family("Idefics3"),
     "gemma3": Family("Gemma 3"),
     # PaliGemma's documented captioning prefix is "caption <lang>"; the processor adds the image tokens and BOS.
-    "paligemma": Family("PaliGemma", task=TaskPrompt("caption en", r"caption [a-z]{2}(-[A-Za-z]+)?")),
+    "paligemma": Family("PaliGemma", task=TaskPrompt("caption en", r"caption [a-z]{2}(-[A-Za-z]+)?",
+                                                     image_token_first=True)),
     # Florence-2 (native since transformers 5: florence-community/Florence-2-*) takes only task tokens.
     "florence2": Family("Florence-2", task=TaskPrompt("<MORE_DETAILED_CAPTION>",
                                                       r"<(CAPTION|DETAILED_CAPTION|MORE_DETAILED_CAPTION)>")),
@@ -94,15 +96,13 @@ def model_type_of(model: str, revision: str | None, trust_remote_code: bool) -> 
 
 def required_modules(model_type: str) -> tuple[str, ...]:
     """What the family's processor imports: torchvision when it carries a video processor, plus its own."""
+    import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     needs = list(family_of(model_type).modules)
-    processor_class = PROCESSOR_MAPPING_NAMES.get(model_type)
-    if processor_class:
-        import transformers
-
-        if "video_processor" in getattr(transformers, processor_class).get_attributes():
-            needs.insert(0, "torchvision")
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    if processor_class is not None and "video_processor" in processor_class.get_attributes():
+        needs.insert(0, "torchvision")
     return tuple(needs)
 
 
@@ -112,9 +112,11 @@ def check_installed(model: str, model_type: str) -> None:
     for module in required_modules(model_type):
         try:
             importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(module)
         except Exception as err:  # a torchvision built for another torch fails with RuntimeError, not ImportError
-            missing.append(module if isinstance(err, ModuleNotFoundError) else f"{module} ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:120] if str(err) else 'fails to import'})")
+            why = str(err).splitlines()[0][:120] if str(err) else "fails to import"
+            missing.append(f"{module} ({type(err).__name__}: {why})")
     if missing:
         family = family_of(model_type)
         raise UserError(f"caption.model {model!r} is a {family.name} model; its processor needs "

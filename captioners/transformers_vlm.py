@@ -99,8 +99,8 @@ class TransformersCaptioner:
         images = [img.convert("RGB") for img in images]
         if self.family.task is not None:
             task = self.family.task.for_prompt(prompt)
-            if self.family.name == "PaliGemma":
-                task = self.processor.image_token + task  # its processor then adds BOS after the image tokens
+            if self.family.task.image_token_first:  # PaliGemma's processor then adds BOS after the image tokens
+                task = self.processor.image_token + task
             inputs = self.processor(images=images, text=[task] * len(images), return_tensors="pt", padding=True)
         else:
             conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
