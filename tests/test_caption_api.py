@@ -65,7 +65,7 @@ class FakeVLMServer:
 
     def __init__(self):
         self.requests: list[dict] = []
-        self.script: list[Reply] = []
+        self.script: list[Reply | tuple] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
@@ -80,6 +80,9 @@ class FakeVLMServer:
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                             "body": body})
                     reply = server.script.pop(0) if server.script else Reply()
+                    if isinstance(reply, tuple):  # (status, headers, answer, delay, finish), as other tests script
+                        status, headers, answer, delay, finish = reply
+                        reply = Reply(status, content=answer, finish=finish, headers=headers, delay=delay)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
