@@ -133,6 +133,11 @@ class CaptionConfig(Strict):
     api_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once")
     api_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="Per request")
     api_max_retries: int = Field(5, ge=0, le=20, description="Retries on 429, 5xx and timeouts")
+    api_image_max_side: int | None = Field(
+        None, ge=64, le=8192, description="Longest side of the images sent, in px; empty: what the model reads "
+        "(OpenAI: short side 768; Gemma 3: 896; LLaVA: 672; others 1024)")
+    api_image_detail: Literal["low", "high", "auto"] | None = Field(
+        None, description="OpenAI's image detail; empty: high for OpenAI's API, not sent to other servers")
 
     @model_validator(mode="after")
     def no_pickle_model(self) -> "CaptionConfig":
