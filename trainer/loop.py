@@ -123,6 +123,8 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     if not examples:
         raise ValueError("no approved images to train on")
     started = time.monotonic()
+    if config.train_text_encoders == "auto":  # the pipeline's probe stage decides; the trainer alone keeps them frozen
+        config = config.model_copy(update={"train_text_encoders": False})
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
     job_key = job_key or stable_hash([e.to_json() for e in examples], config.model_dump(mode="json"), name)
     accelerator, bf16 = make_accelerator(config)
@@ -348,7 +350,7 @@ def save_samples(run_dir, label, parts, unet, encoders, config, name, size, devi
             module.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         sheet = training_samples(parts, unet, encoders, config.sample_prompts, name or "a person", config.seed,
-                                 config.sample_steps, size)
+                                 config.sample_steps, size, title=f"training samples · {label} · rank {config.rank}")
     if not config.train_text_encoders and device.type == "cuda":
         for module in movable:
             module.to("cpu")
