@@ -21,7 +21,7 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("run", "demo", "serve", "collect", "validate", "dedup", "crop", "caption", "review", "train",
-                    "export", "evaluate"):
+                    "export", "evaluate", "compare-ranks", "resize"):
         assert command in out.stdout
 
 
