@@ -139,10 +139,10 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], column_l
         label = row_labels[y] if y < len(row_labels) else ""
         for n, line in enumerate(_wrap(draw, label, small, label_w - 10, max(1, h // (small.size + 2)))):
             draw.text((6, top + 6 + n * (small.size + 2)), line, fill="black", font=small)
+        draw.line([0, top, label_w, top], fill="#bbbbbb")  # a rule between row labels, none over the samples
         for x, img in enumerate(row):
             sheet.paste(img.convert("RGB").resize((w, h)) if img.size != (w, h) else img.convert("RGB"),
                         (label_w + x * w, top))
-        draw.line([0, top, sheet.width, top], fill="#bbbbbb")
     return sheet
 
 
