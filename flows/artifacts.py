@@ -4,7 +4,8 @@ Every run publishes, on the run a person started (not on the `dataset`/`train` s
 a dataset table (every photo, kept or rejected and why, duplicates, buckets), a caption table (image,
 caption, review status), a markdown summary (steps, time, loss, file sizes, where the LoRA is), and the
 loss curve and the sample grid as images embedded in markdown. Keys are `<name>-dataset`,
-`<name>-captions`, `<name>-summary`, `<name>-loss-curve`, `<name>-samples`, so the Artifacts page
+`<name>-captions`, `<name>-summary`, `<name>-loss-curve`, `<name>-samples` (and `<name>-rank-comparison`
+from the rank comparison), so the Artifacts page
 keeps each person's history. An artifact that cannot be written costs a warning, never the run.
 """
 
@@ -17,9 +18,9 @@ from PIL import Image
 from prefect import get_run_logger
 from prefect.artifacts import MarkdownArtifact, TableArtifact
 
-from flows.summary import evidence_rows, human_size
+from flows.summary import evidence_rows
 from lorapipe.manifest import ImageRecord, read_manifest, rejection_counts
-from lorapipe.plots import data_url, loss_chart
+from lorapipe.plots import data_url, human_size, loss_chart
 from lorapipe.workspace import slugify
 from tasks.probe import decision_summary
 from tasks.progress import format_seconds, root_flow_run_id

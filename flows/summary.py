@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorapipe.manifest import read_manifest, rejection_counts
-from lorapipe.plots import human_size  # noqa: F401  (flows.artifacts imports it from here)
+from lorapipe.plots import human_size
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
