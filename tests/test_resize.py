@@ -117,3 +117,18 @@ def test_a_file_that_is_not_a_kohya_lora_is_one_line(tmp_path):
     result = runner.invoke(app, ["resize", str(other), "--rank", "4"])
     assert isinstance(result.exception, UserError)
     assert "is not a kohya LoRA key" in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_conv_modules_and_missing_alpha_resize_like_linear_ones():
+    """LoCon-style 3x3 conv LoRA (4-D down, 1x1 up) flattens to the same algebra; no .alpha means alpha = rank."""
+    from trainer.resize import resize_module
+
+    torch.manual_seed(1)
+    down, up = torch.randn(8, 16, 3, 3), torch.randn(32, 8, 1, 1) * torch.tensor([0.6 ** i for i in range(8)])[:, None, None]
+    new_down, new_up, new_alpha, kept, _ = resize_module(down, up, None, 4)
+    assert new_down.shape == (4, 16, 3, 3) and new_up.shape == (32, 4, 1, 1) and new_alpha == 4.0
+    full = (up.reshape(32, 8) @ down.reshape(8, -1)).double()
+    u, s, vh = torch.linalg.svd(full, full_matrices=False)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose((new_up.reshape(32, 4) @ new_down.reshape(4, -1)).double(), best, atol=1e-4)
+    assert kept == pytest.approx(float((s[:4] ** 2).sum() / (s ** 2).sum()), rel=1e-6)
