@@ -68,8 +68,11 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
     assert (ws / "loras" / "jane-doe.safetensors").exists()
     result = runner.invoke(app, ["evaluate", str(ws)])
     assert result.exit_code == 0, result.output
-    grid = json.loads(result.stdout)["samples"]
-    assert Path(grid).exists() and Image.open(grid).size == (256, 512)  # base row over LoRA row, one prompt
+    evaluated = json.loads(result.stdout)
+    # Base row over LoRA row: 1 prompt with the name and the 2 default ones without it, 2 seeds each, labelled.
+    assert len(evaluated["columns"]) == 6 and evaluated["pollution"]["pixel_change"] is not None
+    width, height = Image.open(evaluated["samples"]).size
+    assert Path(evaluated["samples"]).exists() and width > 6 * 256 and 512 < height < 640
     shutil.rmtree(ws)
 
 
