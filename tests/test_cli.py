@@ -34,6 +34,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
         f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n  device: cpu\n"
         "evaluate:\n  steps: 2\n  prompts: ['a photo of {name}']\n"
+        "probe:\n  steps: 2\n  seeds: 1\n"
     )
     result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
     assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output
