@@ -112,7 +112,8 @@ def comparison_grid(rows: list[ComparisonRow]) -> Image.Image:
         return [img.resize((CELL, CELL * img.height // img.width)) for img in load_images([Path(p) for p in paths])]
 
     sheet = [shrink(first["renders"]["base"])] + [shrink(r.evaluate["renders"]["lora"]) for r in rows]
-    labels = ["base model"] + [f"{r.label} · {human_size(r.size_bytes)}" for r in rows]
+    # Pillow's built-in font has no arrow glyph: "->" in the picture, "→" in the text.
+    labels = ["base model"] + [f"{r.label} · {human_size(r.size_bytes)}".replace("→", "->") for r in rows]
     return grid(sheet, labels, columns, "rank comparison: the same prompts and seeds; columns with the name first, "
                 "then without it")
 
