@@ -245,7 +245,7 @@ def pollution_line(result: dict) -> str:
     p = result.get("pollution") or {}
     if p.get("pixel_change") is None:
         return f"not measured: {p.get('note') or 'no prompts without the name'}"
-    ssim = f"1 − SSIM {p['style_change']:.3f}" if p.get("style_change") is not None else p["note"]
+    ssim = f"1 − SSIM {p['style_change']:.3g}" if p.get("style_change") is not None else p["note"]
     return f"{ssim}; mean pixel change {p['pixel_change']:.2f} / 255 (prompts without the name)"
 
 

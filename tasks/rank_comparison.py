@@ -97,7 +97,7 @@ def table_rows(rows: list[ComparisonRow], base: dict) -> list[dict]:
             "identity mean": _number(r.identity.get("mean"), ".3f"),
             "identity spread": _number(r.identity.get("spread"), ".3f"),
             "no face": f"{r.identity.get('no_face_share', 0):.0%}" if r.identity else "—",
-            "1 − SSIM": _number(r.pollution.get("style_change"), ".3f"),
+            "1 − SSIM": _number(r.pollution.get("style_change"), ".3g"),
             "pixel change": _number(r.pollution.get("pixel_change"), ".2f"),
         })
     return out
