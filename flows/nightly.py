@@ -14,6 +14,7 @@ from prefect.artifacts import MarkdownArtifact
 
 from flows.artifacts import publish
 from flows.pipeline import build_lora
+from flows.review import ReviewTimedOut, failed_for
 from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
@@ -39,5 +40,8 @@ def nightly(config: PipelineConfig) -> dict:
                                   markdown=f"# Nightly retrain: {NOTHING_NEW}\n\n{message}.\n"))
         return {"status": NOTHING_NEW, "message": message, **last}
     logger.info("new or changed photos, decisions or settings since the last LoRA: running the pipeline")
-    result = build_lora(config)  # in this run, not a subflow: it is the run that asks about captions
+    try:
+        result = build_lora(config)  # in this run, not a subflow: it is the run that asks about captions
+    except ReviewTimedOut as err:
+        return failed_for(err)
     return {"status": "trained", **result}

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_dataset, publish_training
 from flows.fanout import fan_out_captions
-from flows.review import settle_review
+from flows.review import ReviewTimedOut, failed_for, settle_review
 from flows.stages import reviewed_manifest, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
@@ -45,7 +45,10 @@ def dataset_flow(config: PipelineConfig) -> dict:
     captioned = result["manifest"]
     result = _record(stages, "review", *run_stage("review", config, ws, captioned))
     publish_dataset(config.name, result["manifest"])  # before any wait: the reviewer sees the caption table
-    result = settle_review(config, ws, result, captioned)  # asks only when this run is the one a person started
+    try:
+        result = settle_review(config, ws, result, captioned)  # asks only when this run is the one a person started
+    except ReviewTimedOut as err:
+        return failed_for(err)
     return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "captioned": captioned,
             "stages": stages}
 
@@ -73,7 +76,10 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
-    return build_lora(config)
+    try:
+        return build_lora(config)
+    except ReviewTimedOut as err:
+        return failed_for(err)
 
 
 def build_lora(config: PipelineConfig) -> dict:

@@ -51,6 +51,14 @@ class ReviewTimedOut(UserError):
     """Nobody reviewed in time and `review.on_timeout` is "fail"."""
 
 
+def failed_for(err: ReviewTimedOut):
+    """What a top-level flow returns for it: a Failed run whose message is the one line, no traceback in its log
+    (calling the flow in Python, as `lorapipe run` does, still raises the error)."""
+    from prefect.states import Failed
+
+    return Failed(message=str(err), data=err)
+
+
 class ReviewInput(RunInput, ReviewDecision):
     """The caption review form (the API's shape; the UI's form adds a field per photo)."""
 
@@ -186,7 +194,18 @@ def start_suspended_timer(flow_run_id, seconds: float) -> None:
                                 description="Created by lorapipe's caption review; removed when the run resumes.")
     stop_suspended_timer(flow_run_id)
     with get_client(sync_client=True) as client:
+        for old in client.read_automations():  # timers of runs cancelled or deleted while they waited
+            if old.name.startswith(timer_name("")) and not _still_waiting(client, old.name[len(timer_name("")):]):
+                client.delete_automation(old.id)
         client.create_automation(automation)
+
+
+def _still_waiting(client, flow_run_id: str) -> bool:
+    try:
+        run = client.read_flow_run(flow_run_id)
+    except (ObjectNotFound, ValueError):
+        return False
+    return bool(run.state and run.state.is_paused())
 
 
 def stop_suspended_timer(flow_run_id) -> None:
@@ -210,8 +229,9 @@ def tell_the_person(ws: Workspace, waiting: int, wait: str, deadline: datetime) 
 
 
 def ask(ws: Workspace, records: list[ImageRecord], config: ReviewConfig, round_: int,
-        feedback: list[str]) -> tuple[dict, list] | None:
-    """Pause or suspend until a person answers: (their answer, the photos it is about); None when time ran out.
+        feedback: list[str]) -> tuple[dict, list, int] | None:
+    """Pause or suspend until a person answers: (their answer, the photos it is about, how many captions waited
+    when asked); None when time ran out.
 
     Suspending ends this process (Prefect raises `Pause` inside); the resumed run starts from the top, reaches
     this call again with the same round, and gets the stored answer back from Prefect.
@@ -231,7 +251,9 @@ def ask(ws: Workspace, records: list[ImageRecord], config: ReviewConfig, round_:
     form, page = review_form(ws, records, feedback)
     seconds = max(1.0, (deadline - datetime.now(timezone.utc)).total_seconds())
     prefect_timeout = int(seconds + GRACE_SECONDS)
-    tell_the_person(ws, len(waiting_for_review(records)), wait, deadline)
+    asked = state["waiting"] if resumed else len(waiting_for_review(records))
+    if not resumed:
+        tell_the_person(ws, asked, wait, deadline)
     if wait == "pause":
         timer = PauseTimer(run.id, seconds)
         try:
@@ -250,7 +272,7 @@ def ask(ws: Workspace, records: list[ImageRecord], config: ReviewConfig, round_:
     answer = read_flow_run_input(keyset["response"], flow_run_id=run.id)
     if answer is None and datetime.now(timezone.utc) >= deadline - timedelta(seconds=5):
         return None  # resumed by the timer: nobody answered in time
-    return answer or {}, page
+    return answer or {}, page, asked
 
 
 def settle_review(config: PipelineConfig, ws: Workspace, review: dict, captioned: str) -> dict:
@@ -284,21 +306,21 @@ def settle_review(config: PipelineConfig, ws: Workspace, review: dict, captioned
             if settings.on_timeout == "fail":
                 raise ReviewTimedOut(f"{message}; review.on_timeout is fail: review them with `lorapipe review "
                                      f"{ws.root}` and run again")
-            logger.warning("%s: training on the %d approved captions only", message, review["stats"]["approved"])
+            logger.warning("%s: carrying on with the %d approved captions only", message, review["stats"]["approved"])
             return review
-        answer, page = asked
+        answer, page, asked_about = asked
         decision, feedback = answer_to_decision(answer, page)
         outcome = record_answer_task(
             manifest=review["manifest"], workspace=str(ws.root), answer=decision, config=settings,
             name=config.name, tokenizer_from=config.train.tokenizer_source, source="form",
             ref=ref, scope=[r.id for r in page])
         feedback += outcome["problems"]
-        if not outcome["recorded"] and not feedback:
-            feedback = ["your answer decided nothing: change a caption, Approve All, or pick photos to drop"]
         for problem in feedback:
             logger.warning("review answer not applied: %s", problem)
         review, _ = run_stage("review", config, ws, captioned)
         publish_dataset(config.name, review["manifest"])
+        if not feedback and review["stats"]["pending"] >= asked_about:  # (`lorapipe review` may have decided)
+            feedback = ["your answer decided nothing: change a caption, Approve All, or pick photos to drop"]
     pause.unlink(missing_ok=True)
     return review
 
