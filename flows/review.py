@@ -217,15 +217,15 @@ def stop_suspended_timer(flow_run_id) -> None:
 
 
 def tell_the_person(ws: Workspace, waiting: int, wait: str, deadline: datetime) -> None:
+    """The run's log line: what waits, until when, and where to answer (the V2 UI Prefect serves by default)."""
     from prefect.runtime import flow_run
 
-    where = f" ({flow_run.ui_url})" if flow_run.ui_url else ""
     get_run_logger().warning(
-        "%d captions wait for a person until %s UTC. In the Prefect UI: open this run%s, menu ⋮ (top right) → "
-        "Resume (the V1 UI: the Resume button): the photos and their captions are in the form; change a caption "
-        "in its field, or Approve All, then Submit. Or in a terminal: `lorapipe review %s`.%s",
-        waiting, deadline.strftime("%Y-%m-%d %H:%M"), where, ws.root,
-        " The run is suspended: no worker or GPU is held meanwhile." if wait == "suspend" else "")
+        "%d captions wait for a person until %s UTC. In the Prefect UI: Runs → %s, then the ⋮ menu (top right) → "
+        "Resume: the form shows each photo with its caption; change a caption in its field, or switch Approve All, "
+        "then press Resume (the V1 UI: the Resume button, then Submit). Or in a terminal: `lorapipe review %s`.%s",
+        waiting, deadline.strftime("%Y-%m-%d %H:%M"), flow_run.name, ws.root,
+        " The run is suspended meanwhile: it holds no worker or GPU." if wait == "suspend" else "")
 
 
 def ask(ws: Workspace, records: list[ImageRecord], config: ReviewConfig, round_: int,
