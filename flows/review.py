@@ -52,15 +52,11 @@ class ReviewTimedOut(UserError):
 
 
 def failed_for(err: ReviewTimedOut):
-    """What a top-level flow returns for it: a Failed run whose message is the one line, no traceback in its log
-    (calling the flow in Python, as `lorapipe run` does, still raises the error)."""
+    """What a top-level flow returns for it: a Failed run whose state message is the one line and whose flow logs
+    no traceback (calling the flow in Python, as `lorapipe run` does, still raises the error)."""
     from prefect.states import Failed
 
     return Failed(message=str(err), data=err)
-
-
-class ReviewInput(RunInput, ReviewDecision):
-    """The caption review form (the API's shape; the UI's form adds a field per photo)."""
 
 
 def is_top_level() -> bool:
@@ -71,7 +67,7 @@ def is_top_level() -> bool:
 def labels_for(records: list[ImageRecord]) -> dict[str, str]:
     """Image id → the name a person picks it by: the file name, with the id's start where two files share it."""
     names = [display_name(r) for r in records]
-    return {r.id: n if names.count(n) == 1 else f"{r.id[:12]}" for r, n in zip(records, names)}
+    return {r.id: n if names.count(n) == 1 else r.id[:12] for r, n in zip(records, names)}
 
 
 def caption_field(record: ImageRecord) -> str:
