@@ -106,18 +106,20 @@ def test_an_edit_of_an_edit_is_kept_through_every_terminal_door(ws):
     lorapipe("review", ws, "--approve-all")
     target = caption_file(ws, records_by_file(ws)["portrait_02.jpg"])
     texts = ["Jane Doe in a blue shirt, first", "Jane Doe in a blue shirt, second", "Jane Doe in blue, third",
-             "Jane Doe in blue, fourth"]
-    target.write_text(texts[0])
-    lorapipe("review", ws, "--reviewer", "a")
-    target.write_text(texts[1])  # the file again
-    lorapipe("review", ws, "--reviewer", "b")
-    lorapipe("review", ws, "--edit", f"portrait_02.jpg={texts[2]}", "--reviewer", "c")  # a flag
+             "Jane Doe in blue, fourth", "Jane Doe in blue, fifth"]
     sheet = ws / "mine.csv"
-    sheet.write_text(f'file,action,caption\nportrait_02.jpg,edit,"{texts[3]}"\n')  # a CSV
-    lorapipe("review", ws, "--csv", sheet, "--reviewer", "d")
+    for who, text in zip("ab", texts[:2]):  # a CSV, twice
+        sheet.write_text(f'file,action,caption\nportrait_02.jpg,edit,"{text}"\n')
+        lorapipe("review", ws, "--csv", sheet, "--reviewer", who)
+        assert (records_by_file(ws)["portrait_02.jpg"].caption, target.read_text()) == (text, text)
+    for who, text in zip("cd", texts[2:4]):  # the caption file, twice
+        target.write_text(text)
+        lorapipe("review", ws, "--reviewer", who)
+        assert (records_by_file(ws)["portrait_02.jpg"].caption, target.read_text()) == (text, text)
+    lorapipe("review", ws, "--edit", f"portrait_02.jpg={texts[4]}", "--reviewer", "e")  # a flag
     edited = records_by_file(ws)["portrait_02.jpg"]
-    assert (edited.caption, target.read_text()) == (texts[3], texts[3])
-    assert [(e.who, e.after) for e in edited.caption_edits] == list(zip("abcd", texts))
+    assert (edited.caption, target.read_text()) == (texts[4], texts[4])
+    assert [(e.who, e.after) for e in edited.caption_edits] == list(zip("abcde", texts))
 
 
 def test_training_uses_the_caption_files_as_edited(ws):
