@@ -265,7 +265,9 @@ def review(
         for r in waiting:
             table.add_row(display_name(r), r.id[:8], r.caption or "", "; ".join(r.review_reasons) or "approval: all")
         console.print(table)
-        sheet = write_review_csv(records, ws.root / "review.csv")
+        sheet = ws.root / "review.csv"
+        if not (problems and csv_file and csv_file.resolve() == sheet.resolve()):  # keep a sheet with rows to fix
+            write_review_csv(records, sheet)
         console.print(f"Edit captions or set action to approve/drop in {sheet}, then: lorapipe review {ws.root} "
                       f"--csv {sheet}   (or --approve-all, or edit {ws.images}/<id>.txt)")
     resumed = resume_paused_run(ws, reviewer) if (resume or not waiting) else None
