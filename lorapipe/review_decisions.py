@@ -111,13 +111,19 @@ class DecisionStore:
     def history(self, image_id: str, machine_caption: str | None = None) -> list[Decision]:
         path = self._log_path(image_id)
         log = [Decision.model_validate(d) for d in read_json(path)] if path.exists() else []
-        legacy = self._legacy_path(image_id, machine_caption)
-        if legacy.exists():  # an older lorapipe's decision on this caption comes first
+        # An older lorapipe's decisions come first. It keyed each by the caption it was made on, so an edit of an
+        # edit sits under the first edit's text: follow that chain, and such an edit is found again.
+        older, caption, seen = [], machine_caption, set()
+        while (legacy := self._legacy_path(image_id, caption)).exists() and caption not in seen:
+            seen.add(caption)
             old = read_json(legacy)
-            action, caption = old["action"], old.get("caption")
-            log.insert(0, Decision(action=action, who=old["who"], when=old["when"], before=machine_caption,
-                                   after=caption if action == "edit" else None, source="cli"))
-        return log
+            after = old.get("caption") if old["action"] == "edit" else None
+            older.append(Decision(action=old["action"], who=old["who"], when=old["when"], before=caption,
+                                  after=after, source="cli"))
+            if old["action"] != "edit":
+                break
+            caption = after
+        return older + log
 
     def record(self, image_id: str, decision: Decision) -> bool:
         """Append one decision; False (nothing written) when the answer it came from is already recorded."""

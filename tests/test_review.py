@@ -158,13 +158,17 @@ def test_a_failed_caption_waits_for_a_person_and_their_caption_outlives_a_recapt
         assert (again[0].caption, again[0].review) == ("Jane Doe on a red sofa", "approved")
 
 
-def test_decisions_of_an_older_lorapipe_still_apply(captioned, workspace, tiny_models):
-    r = captioned[1]
-    atomic_write_json(workspace.cache / "review-decisions" / f"{stable_hash(r.id, r.caption)}.json",
-                      {"action": "edit", "caption": "Jane Doe in a studio, from before", "who": "old", "when": "2026"})
+def test_decisions_of_an_older_lorapipe_still_apply_even_its_lost_edits_of_edits(captioned, workspace, tiny_models):
+    # It keyed a decision by (image id, the caption it was made on): an edit of an edit was never looked up.
+    r, old = captioned[1], workspace.cache / "review-decisions"
+    atomic_write_json(old / f"{stable_hash(r.id, r.caption)}.json",
+                      {"action": "edit", "caption": "Jane Doe in a studio, from before", "who": "a", "when": "2026"})
+    atomic_write_json(old / f"{stable_hash(r.id, 'Jane Doe in a studio, from before')}.json",
+                      {"action": "edit", "caption": "Jane Doe in a studio, edited again", "who": "b", "when": "2026"})
     reviewed, _ = review(captioned, workspace, tiny_models)
     assert (reviewed[1].caption, reviewed[1].review, reviewed[1].reviewed_by) == (
-        "Jane Doe in a studio, from before", "approved", "old")
+        "Jane Doe in a studio, edited again", "approved", "b")
+    assert [e.who for e in reviewed[1].caption_edits] == ["a", "b"]
 
 
 def test_caption_files_a_person_changed_are_read_never_overwritten(captioned, workspace, tiny_models):
