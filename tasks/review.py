@@ -164,7 +164,8 @@ def review_records(
         res = resolved[record.id]
         if res.edits:
             edits = [CaptionEdit(who=d.who, when=d.when, before=d.before, after=d.after) for d in res.edits]
-            record = record.model_copy(update={"caption": res.caption, "caption_edits": [*record.caption_edits, *edits]})
+            record = record.model_copy(update={"caption": res.caption,
+                                               "caption_edits": [*record.caption_edits, *edits]})
         if res.dropped_by:
             who = res.dropped_by.who
             record = record.model_copy(update={
@@ -218,7 +219,8 @@ def run_review(manifest: str, workspace: str, config: ReviewConfig, name: str, t
     key, read_files = review_key(manifest, workspace, config, name, tokenizer_from), []
     records, stats = review_records(read_manifest(manifest), ws, config, name, tokenizer_from, reviewer, read_files)
     result = finish_manifest_stage(ws, "review", key, records, stats)
-    result["caption_files_read"] = read_files  # as edits, this run    result["outputs"] += [str(sidecar_of(ws, r)) for r in records if r.review == "approved"]
+    result["caption_files_read"] = read_files  # as edits, this run
+    result["outputs"] += [str(sidecar_of(ws, r)) for r in records if r.review == "approved"]
     return result
 
 

@@ -182,7 +182,8 @@ def decision_from_csv(records: list[ImageRecord], path: Path, reviewer: str) -> 
     for row in reader:
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
         where = f"{path}:{reader.line_num}"
-        image, action, caption = row.get("id") or row.get("file") or "", row.get("action", "").lower(), row.get("caption", "")
+        image, action = row.get("id") or row.get("file") or "", row.get("action", "").lower()
+        caption = row.get("caption", "")
         if not image:
             if any(row.values()):
                 problems.append(f"{where}: no id or file in this row")

@@ -28,7 +28,8 @@ def captioned_master(tmp_path_factory, tiny_models, demo_photos_master, prefect_
     ws = root / "ws"
     job = root / "job.yaml"
     job.write_text(
-        f"name: Jane Doe\nimages: {demo_photos_master[0]}\ndataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
+        f"name: Jane Doe\nimages: {demo_photos_master[0]}\n"
+        "dataset:\n  crop:\n    resolution: 256\n    bucket_step: 32\n"
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\nreview:\n  approval: all\n"
         f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n"
         "  device: cpu\nevaluate:\n  steps: 2\n  prompts: ['a photo of {name}']\n")
