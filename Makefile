@@ -1,6 +1,10 @@
 # make demo: set up .venv and run the whole pipeline offline on the bundled demo.
 # make test: set up .venv and run the test suite (what CI runs, via .ci/run).
-# make bench: the dedup benchmark (lorapipe vs imagededup); prints a table.
+# make bench: every benchmark (lorapipe's code against the named reference, one table each):
+#   make bench-dedup    dedup vs imagededup
+#   make bench-caption  lorapipe's captioner vs plain transformers generate (tiny LLaVA on a CPU)
+#   make bench-train    dispatched ops per step (SDXL + tiny), step time vs the plain diffusers+peft
+#                       loop (tiny UNet on a CPU, SDXL on a GPU), one step of each Lion
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +13,7 @@ STAMP := $(VENV)/.installed
 # One thread per process: two torch threads on a busy 2-core box ran tiny training 7-30x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-dedup bench-caption bench-train install clean
 
 install: $(STAMP)
 
@@ -26,12 +30,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
+bench: bench-dedup bench-caption bench-train
+
 # The dedup benchmark against imagededup. imagededup goes in with --no-deps: its torchvision
 # requirement would pull a CUDA torch over the CPU one (see benchmarks/dedup_benchmark.py).
-bench: $(STAMP)
+bench-dedup: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m pip install --quiet --no-deps imagededup==0.3.3.post2
 	$(PY) benchmarks/dedup_benchmark.py
+
+bench-caption: $(STAMP)
+	$(PY) benchmarks/caption_benchmark.py
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/step_ops.py
+	$(PY) benchmarks/train_step_benchmark.py
+	$(PY) benchmarks/train_step_benchmark.py --optimizers
 
 clean:
 	rm -rf $(VENV) demo workspaces .pytest_cache

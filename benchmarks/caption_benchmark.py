@@ -1,11 +1,22 @@
-"""Captioning throughput: LLaVA-1.5-7B's architecture (random weights) generating 60 new tokens per image,
-one image at a time with plain `generate` versus lorapipe's batched captioner path, in one run.
+"""Captioning throughput: lorapipe's captioner against plain transformers `generate`, same model, same
+images, same prompt, in one run.
 
-    python benchmarks/caption_benchmark.py                  # GPU: batch 1, 16, 64 (bf16, SDPA)
-    python benchmarks/caption_benchmark.py --tiny --cpu     # smoke test with the tiny LLaVA
+    python benchmarks/caption_benchmark.py                                   # the tiny LLaVA, offline, CPU
+    python benchmarks/caption_benchmark.py --model llava-hf/llava-1.5-7b-hf  # a GPU box with the hub
 
-Reference (issue 4), an H200 with HF generate: 0.28 captions/s at batch 1, 18.6 at batch 128.
-Goal: >= 25 captions/s at 60 tokens on one H100/H200.
+What each row runs (the model is loaded once, by lorapipe's captioner, and shared):
+- plain generate, one image at a time: what transformers' LLaVA model card shows: the processor on one
+  image and the chat prompt, `generate(max_new_tokens=N, do_sample=False)`, decode;
+- lorapipe TransformersCaptioner, batch B: `captioners.transformers_vlm.TransformersCaptioner.describe`,
+  the code the caption stage runs (left padding, B images per `generate`), with the caption stage's
+  prompt (`lorapipe/config.py`) and max_new_tokens.
+
+Nothing is forced: a caption ends at the model's end-of-sequence token or at max_new_tokens, and the
+table prints the tokens generated per caption and whether each row's captions are the one-at-a-time
+captions (batching must not change them). Images: the demo's drawn portraits (`lorapipe/demo_data.py`).
+
+Reference (an H200, LLaVA-1.5-7B, HF generate, 60 new tokens): 0.28 captions/s at batch 1, 18.6 at
+batch 128. Goal: >= 25 captions/s at 60 tokens on one H100/H200.
 """
 
 from __future__ import annotations
@@ -19,91 +30,79 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-REFERENCE = {1: 0.28, 128: 18.6}
-NEW_TOKENS = 60
+from captioners.transformers_vlm import TransformersCaptioner  # noqa: E402
+from lorapipe.config import CaptionConfig  # noqa: E402
+from lorapipe.demo_data import draw, scenes  # noqa: E402
+
+REFERENCE = "H200, LLaVA-1.5-7B, HF generate, 60 new tokens: 0.28 captions/s at batch 1, 18.6 at batch 128"
 
 
-def llava_15_7b(device, dtype):
-    """LLaVA-1.5-7B's config (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B, random weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                                max_position_embeddings=4096, pad_token_id=32001),
-        image_token_index=32000, vision_feature_select_strategy="default", vision_feature_layer=-2,
-        pad_token_id=32001,
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
-    return model.eval(), 576, 336  # image tokens, image side
-
-
-def tiny_llava(device, dtype):
-    from transformers import AutoModelForImageTextToText
-
-    from lorapipe.tiny_models import ensure_tiny_models
-
-    model = AutoModelForImageTextToText.from_pretrained(ensure_tiny_models().llava, dtype=dtype).to(device)
-    return model.eval(), 16, 32
+def plain_generate(captioner: TransformersCaptioner, images, prompt: str, max_new_tokens: int):
+    """One image per call, as the model card shows it. Returns (captions, new tokens per caption)."""
+    processor, model = captioner.processor, captioner.model
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True)
+    captions, lengths = [], []
+    for image in images:
+        inputs = processor(images=image, text=text, return_tensors="pt").to(model.device, captioner.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        lengths.append(int((new != processor.tokenizer.pad_token_id).sum()))
+        captions.append(processor.decode(new, skip_special_tokens=True).strip())
+    return captions, lengths
 
 
-def batch_inputs(model, batch, image_tokens, side, device, dtype, prompt_tokens=60):
-    """What the processor produces for LLaVA-1.5's chat prompt: <image> expanded, then the question."""
-    image_token = model.config.image_token_index
-    vocab = min(model.config.text_config.vocab_size, image_token)
-    prompt = torch.randint(3, vocab, (prompt_tokens,))
-    ids = torch.cat([prompt[:5], torch.full((image_tokens,), image_token), prompt[5:]]).repeat(batch, 1)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": torch.randn(batch, 3, side, side, device=device, dtype=dtype),
-    }
-
-
-def generate(model, inputs):
-    with torch.inference_mode():
-        # min_new_tokens: random weights would stop at an early end-of-sequence; captions are ~60 tokens.
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-
-
-def rate(model, batch, images, args, device, dtype, image_tokens, side) -> float:
-    inputs = batch_inputs(model, batch, image_tokens, side, device, dtype)
-    generate(model, inputs)  # warm-up
-    if device.type == "cuda":
+def timed(fn, *args):
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(max(1, images // batch)):
-        generate(model, inputs)
-    if device.type == "cuda":
+    result = fn(*args)
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return max(1, images // batch) * batch / (time.perf_counter() - start)
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="1,16,64")
-    parser.add_argument("--images", type=int, default=128, help="images captioned per measurement")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--model", help="hub id or folder (default: the tiny LLaVA, built offline)")
+    parser.add_argument("--images", type=int, default=32, help="images captioned per row")
+    parser.add_argument("--batches", default="1,8,32", help="lorapipe's batch sizes")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
-    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, image_tokens, side = (tiny_llava if args.tiny else llava_15_7b)(device, dtype)
+    from transformers.utils import logging as hf_logging
 
-    rows = [("plain generate, one image at a time", 1,
-             rate(model, 1, min(args.images, 8), args, device, dtype, image_tokens, side))]
+    hf_logging.disable_progress_bar()
+    label = args.model or "tiny LLaVA (lorapipe/tiny_models.py)"
+    if not args.model:
+        from lorapipe.tiny_models import ensure_tiny_models
+
+        args.model = str(ensure_tiny_models().llava)
+    config = CaptionConfig()
+    captioner = TransformersCaptioner(args.model, device=args.device, max_new_tokens=config.max_new_tokens)
+    images = [draw(scene) for scene in scenes(args.images)]
+
+    # Warm-up (first calls allocate and pick kernels), then one-at-a-time as the reference captions.
+    plain_generate(captioner, images[:1], config.prompt, config.max_new_tokens)
+    (reference, lengths), seconds = timed(plain_generate, captioner, images, config.prompt, config.max_new_tokens)
+    rows = [("plain generate, one image at a time", 1, len(images) / seconds, sum(lengths) / len(lengths), "-")]
     for batch in [int(b) for b in args.batches.split(",")]:
-        rows.append(("lorapipe batched generate", batch,
-                     rate(model, batch, max(args.images, batch), args, device, dtype, image_tokens, side)))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{'tiny LLaVA' if args.tiny else 'LLaVA-1.5-7B architecture'}, {NEW_TOKENS} new tokens, on {name}")
-    print(f"{'path':38s} {'batch':>6s} {'captions/s':>11s} {'vs one-by-one':>14s}")
-    for label, batch, r in rows:
-        print(f"{label:38s} {batch:>6d} {r:>11.2f} {r / rows[0][2]:>13.1f}x")
-    print(f"reference (H200, HF generate): {REFERENCE}; goal: >= 25 captions/s")
+        captioner.batch_size = batch
+        captioner.describe(images[:batch], config.prompt)  # warm-up at this batch size
+        captions, seconds = timed(captioner.describe, images, config.prompt)
+        same = sum(a == b for a, b in zip(captions, reference))
+        rows.append((f"lorapipe TransformersCaptioner, batch {batch}", batch, len(images) / seconds,
+                     float("nan"), f"{same}/{len(images)}"))
+    device = torch.cuda.get_device_name() if captioner.device == "cuda" else "CPU"
+    print(f"\n{label}, {len(images)} images, max {config.max_new_tokens} new tokens, {captioner.dtype}, {device}")
+    print(f"{'what runs':<44}{'batch':>6}{'captions/s':>12}{'vs plain':>10}{'tokens/caption':>16}"
+          f"{'same captions':>15}")
+    for label, batch, rate, tokens, same in rows:
+        tokens_text = f"{tokens:.1f}" if tokens == tokens else "-"
+        print(f"{label:<44}{batch:>6}{rate:>12.2f}{rate / rows[0][2]:>9.1f}x{tokens_text:>16}{same:>15}")
+    print(f"reference: {REFERENCE}; goal: >= 25 captions/s")
+    captioner.close()
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.errors import UserError
-from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config
+from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config, read_settings, settings_problems
 from lorapipe.fsutil import atomic_write_json, read_json
+from lorapipe.local_server import prefect_api
+from lorapipe.policy import ServingPolicy
 from lorapipe.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -44,14 +46,21 @@ def _images(images: Optional[List[str]]) -> str | list[str] | None:
     return images[0] if len(images) == 1 else list(images)
 
 
+def _fail(message: str) -> NoReturn:
+    """A usage error: one line on stderr, exit status 2 (as main() prints a UserError raised later on)."""
+    typer.echo(f"lorapipe: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
     try:
         if config_file:
             return load_config(config_file, **overrides)
         return PipelineConfig.model_validate(overrides)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise typer.BadParameter(f"{config_file or 'flags'}: {problems} (see `lorapipe run --help`)")
+        _fail(f"flags: {settings_problems(err)} (see `lorapipe run --help`)")
+    except UserError as err:
+        _fail(str(err))
 
 
 @app.command()
@@ -102,35 +111,31 @@ def _run(config: PipelineConfig) -> None:
     from flows.pipeline import pipeline
     from flows.summary import print_summary
 
-    result = pipeline(config)
+    with prefect_api():
+        result = pipeline(config)
     print_summary(result)
 
 
-def _settings_file(path: Path) -> dict:
-    """A --config YAML as people save it (UTF-8, with or without BOM, any line ends); bad ones in one line."""
-    import yaml
-
-    from lorapipe.textio import read_user_text
-
-    try:
-        data = yaml.safe_load(read_user_text(path, "settings file")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected settings as a mapping (key: value lines), got {type(data).__name__}")
-    return data
-
-
 def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Workspace, PipelineConfig]:
-    ws = Workspace.at(workspace)
-    saved = read_json(ws.root / "config.json") if (ws.root / "config.json").exists() else {}
-    if config_file:
-        saved = deep_merge(saved, _settings_file(config_file))
-    saved.setdefault("workspace", str(ws.root))
     try:
+        ws = Workspace.at(workspace)
+        remembered = ws.root / "config.json"
+        saved = {}
+        if remembered.exists():
+            try:
+                saved = read_json(remembered)
+            except ValueError as err:
+                raise UserError(f"{remembered}: not valid JSON ({err}); pass --config to replace it") from None
+        if config_file:
+            saved = deep_merge(saved, read_settings(config_file))
+        saved.setdefault("workspace", str(ws.root))
         config = PipelineConfig.model_validate(saved)
-    except ValueError as err:
-        raise typer.BadParameter(f"{workspace}: no usable config.json (run `lorapipe run` first, or pass --config): {err}")
+    except UserError as err:
+        _fail(str(err))
+    except ValidationError as err:
+        if not config_file and not remembered.exists():
+            _fail(f"{workspace}: no config.json yet (run `lorapipe run` first, or pass --config)")
+        _fail(f"{config_file or remembered}: {settings_problems(err)}")
     if config_file:  # later stage commands on this workspace need no --config
         atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     return ws, config
@@ -142,7 +147,7 @@ def _input_manifest(ws: Workspace, stage: str, config: PipelineConfig) -> str:
     try:
         return input_for(stage, ws, config)[0]
     except MissingInput as err:
-        raise typer.BadParameter(str(err))
+        _fail(str(err))
 
 
 def _print(result: dict) -> None:
@@ -163,10 +168,12 @@ def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides
         try:
             [source_kind(source) for source in resolve_sources(cfg.images)]
         except FileNotFoundError as err:
-            raise typer.BadParameter(str(err))
+            _fail(str(err))
     else:
         _input_manifest(ws, stage, cfg)
-    _print(stage_flow(stage, cfg))
+    with prefect_api():
+        result = stage_flow(stage, cfg)
+    _print(result)
 
 
 @app.command()
@@ -221,7 +228,7 @@ def review(
     from rich.console import Console
     from rich.table import Table
 
-    from flows.review import resume_paused_run
+    from flows.review import PAUSE_FILE, resume_paused_run
     from lorapipe.manifest import read_manifest
     from lorapipe.review_decisions import DecisionStore, ReviewDecision
     from tasks.review import edit_check, run_review
@@ -230,31 +237,33 @@ def review(
 
     ws, cfg = _workspace_config(workspace, config)
     args = (_input_manifest(ws, "review", cfg), str(ws.root), cfg.review, cfg.name, cfg.train.tokenizer_source)
-    result = run_review(*args, reviewer=reviewer)  # reads the caption files you edited, before anything else
-    from_files = len(result["caption_files_read"])
-    records = read_manifest(result["manifest"])
-    edits = dict(e.split("=", 1) for e in edit if "=" in e)
-    problems = [f"--edit {e!r}: expected FILE=CAPTION" for e in edit if "=" not in e]
-    answer = ReviewDecision(approve_all=approve_all, approve=list(approve), drop=list(drop), edits=edits,
-                            reviewer=reviewer)
-    if csv_file:
-        from_csv, csv_problems = decision_from_csv(records, csv_file, reviewer)
-        problems += csv_problems
-        answer.edits = {**from_csv.edits, **answer.edits}
-        answer.drop = from_csv.drop + answer.drop
-        answer.approve = from_csv.approve + answer.approve
-    recorded = 0
-    if not answer.is_empty():
-        from captioners import clip_token_counter
+    with ws.lock("review"):  # one writer of the review stage's files: a run on this workspace waits meanwhile
+        ws.remove_stale_temps("review")
+        result = run_review(*args, reviewer=reviewer)  # reads the caption files you edited, before anything else
+        from_files = len(result["caption_files_read"])
+        records = read_manifest(result["manifest"])
+        edits = dict(e.split("=", 1) for e in edit if "=" in e)
+        problems = [f"--edit {e!r}: expected FILE=CAPTION" for e in edit if "=" not in e]
+        answer = ReviewDecision(approve_all=approve_all, approve=list(approve), drop=list(drop), edits=edits,
+                                reviewer=reviewer)
+        if csv_file:
+            from_csv, csv_problems = decision_from_csv(records, csv_file, reviewer)
+            problems += csv_problems
+            answer.edits = {**from_csv.edits, **answer.edits}
+            answer.drop = from_csv.drop + answer.drop
+            answer.approve = from_csv.approve + answer.approve
+        recorded = 0
+        if not answer.is_empty():
+            from captioners import clip_token_counter
 
-        check = edit_check(cfg.name, cfg.review, clip_token_counter(cfg.train.tokenizer_source))
-        source = "csv" if csv_file else "cli"
-        outcome = record_answer(records, DecisionStore(ws.cache), answer, source, check=check)
-        recorded, problems = outcome.recorded, problems + outcome.problems
-        if recorded:
-            result = run_review(*args, reviewer=reviewer)
-            records = read_manifest(result["manifest"])
-    waiting = waiting_for_review(records)
+            check = edit_check(cfg.name, cfg.review, clip_token_counter(cfg.train.tokenizer_source))
+            source = "csv" if csv_file else "cli"
+            outcome = record_answer(records, DecisionStore(ws.cache), answer, source, check=check)
+            recorded, problems = outcome.recorded, problems + outcome.problems
+            if recorded:
+                result = run_review(*args, reviewer=reviewer)
+                records = read_manifest(result["manifest"])
+        waiting = waiting_for_review(records)
     problems += [why for r in waiting for why in r.review_reasons if why.startswith("caption_file:")]
 
     console = Console(stderr=True)  # stdout is the JSON summary
@@ -270,7 +279,10 @@ def review(
             write_review_csv(records, sheet)
         console.print(f"Edit captions or set action to approve/drop in {sheet}, then: lorapipe review {ws.root} "
                       f"--csv {sheet}   (or --approve-all, or edit {ws.images}/<id>.txt)")
-    resumed = resume_paused_run(ws, reviewer) if (resume or not waiting) else None
+    resumed = None
+    if (resume or not waiting) and (ws.root / PAUSE_FILE).exists():  # a server only when a run waits
+        with prefect_api():
+            resumed = resume_paused_run(ws, reviewer)
     _print({"decisions_recorded": recorded + from_files, "from_caption_files": from_files, "waiting": len(waiting),
             "stats": result["stats"], "manifest": result["manifest"], "resumed_flow_run": resumed,
             "not_applied": problems})
@@ -288,6 +300,61 @@ for _name, _doc in {
     _stage_command(_name, _doc)
 
 
+@app.command(name="compare-ranks")
+def compare_ranks(
+    workspace: Path,
+    ranks: Optional[List[int]] = typer.Option(None, "--rank", help="A rank to train (repeat; default 4 8 16 64 128)"),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", help="Another kohya LoRA file to measure (repeat)"),
+    resize_to: Optional[List[int]] = typer.Option(
+        None, "--resize-to", help="Also resize the largest trained rank to this rank by SVD (repeat)"),
+    text_encoders: Optional[str] = typer.Option(
+        None, help="decided (as the probe says) or both (each rank with and without text-encoder LoRA)"),
+    tolerance: Optional[float] = typer.Option(None, help="Identity distance within which a rank counts as good "
+                                                         "enough (default 0.03)"),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Train the reviewed dataset at several ranks and compare them: size, time, identity, style pollution.
+
+    Writes WORKSPACE/reports/rank-comparison.md (and a Prefect artifact) naming the smallest good rank.
+    """
+    from flows.rank_comparison import rank_comparison
+    from lorapipe.config import RankComparisonConfig
+
+    ws, cfg = _workspace_config(workspace, config)
+    manifest = _input_manifest(ws, "train", cfg)
+    try:
+        comparison = RankComparisonConfig.model_validate(_overrides(
+            ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
+            resize_to=list(resize_to) if resize_to else None, text_encoders=text_encoders, tolerance=tolerance))
+    except ValidationError as err:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    for path in comparison.loras:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such LoRA file (--lora)")
+    report = rank_comparison(cfg, comparison, manifest)
+    typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)
+    _print({k: report[k] for k in ("verdict", "smallest_good_rank", "markdown", "grid", "json")})
+
+
+@app.command()
+def resize(
+    lora: Path,
+    rank: int = typer.Option(..., "--rank", help="The new rank (e.g. 4)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default LORA-rankN.safetensors)"),
+) -> None:
+    """Resize a kohya-format SDXL LoRA to a lower rank by SVD; reports the energy kept per module and overall."""
+    from trainer.resize import resize_lora
+
+    dest = out or lora.with_name(f"{lora.stem}-rank{rank}.safetensors")
+    report = resize_lora(lora, dest, rank)
+    per_module = atomic_write_json(dest.with_name(f"{dest.stem}.resize.json"), report.to_json())
+    for m in report.least_kept(5):
+        typer.echo(f"  {m.energy_kept:7.2%} kept  {m.module} (rank {m.rank} → {m.new_rank})", err=True)
+    _print({"lora": str(dest), "from_rank": report.from_rank, "to_rank": report.to_rank,
+            "energy_kept": round(report.energy_kept, 6), "modules": len(report.modules), "per_module": str(per_module),
+            "least_kept": {m.module: round(m.energy_kept, 6) for m in report.least_kept(5)}})
+
+
 @app.command()
 def serve(
     config: Optional[Path] = typer.Option(
@@ -299,10 +366,24 @@ def serve(
                                           "0 leaves the limit alone)"),
     notify: Optional[str] = typer.Option(
         None, help="Notification block TYPE/NAME (e.g. slack-webhook/team) told when captions wait for review"),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy", help="Serving policy YAML: what runs may reach (the options below add to it)"),
+    allow_path: List[Path] = typer.Option(
+        [], help="Folder runs may name paths under (repeat; default: the --config's paths and ./workspaces)"),
+    allow_address: List[str] = typer.Option(
+        [], help="Non-public address or network downloads and VLM APIs may reach, e.g. 10.0.0.0/8 (repeat)"),
+    api_base_url: List[str] = typer.Option(
+        [], help="VLM API server runs may use, whatever its address; keys go to these only (repeat)"),
+    api_key_env: List[str] = typer.Option([], help="Environment variable runs may name as the API key (repeat)"),
+    api_key_secret: List[str] = typer.Option([], help="Prefect Secret block runs may name as the API key (repeat)"),
+    scale_out_address: List[str] = typer.Option([], help="Dask/Ray scheduler runs may send captioning to (repeat)"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Let runs set trust_remote_code"),
 ) -> None:
-    """Serve the deployments (pipeline, dataset, train, nightly) from this process, for the Prefect UI.
+    """Serve the deployments (pipeline, dataset, train, nightly, rank-comparison) from this process, for the UI.
 
     Needs a server: `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
+    Runs are held to a serving policy fixed here (see README, "A team server"): the folders, addresses,
+    API servers and API keys their parameters may name.
     """
     import os
 
@@ -312,14 +393,30 @@ def serve(
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
-            raise typer.BadParameter("no Prefect server: run `prefect server start`, then "
-                                     "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+            _fail("no Prefect server: run `prefect server start`, then "
+                  "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
     try:
         schedule = NightlyConfig(cron=nightly_cron, timezone=timezone, active=not no_nightly)
     except ValidationError as err:
-        raise typer.BadParameter("; ".join(e["msg"] for e in err.errors()))
+        _fail("; ".join(e["msg"] for e in err.errors()))
     defaults = _config(config, {}) if config else None
-    serve_deployments(defaults, schedule, gpu_slots or None, notify)
+    try:
+        serving = _serving_policy(defaults, policy, ServingPolicy(
+            path_roots=[str(p.expanduser().resolve()) for p in allow_path], allow_addresses=allow_address,
+            api_base_urls=api_base_url, api_key_envs=api_key_env, api_key_secrets=api_key_secret,
+            scale_out_addresses=scale_out_address, allow_remote_code=allow_remote_code))
+        serve_deployments(defaults, schedule, gpu_slots or None, notify, serving)
+    except UserError as err:
+        _fail(str(err))
+
+
+def _serving_policy(defaults: Optional[PipelineConfig], policy_file: Optional[Path], flags) -> "ServingPolicy":
+    """The policy file (or LORAPIPE_SERVING_POLICY) with the flags added, defaults where both say nothing."""
+    from lorapipe.policy import current_policy, policy_from_settings, read_policy_file, with_defaults
+
+    base = read_policy_file(policy_file) if policy_file else current_policy()
+    merged = base.merged(flags) if base else flags
+    return with_defaults(policy_from_settings(merged.model_dump(), "serve options"), defaults)
 
 
 class CurrentStderrHandler(logging.StreamHandler):

@@ -18,6 +18,7 @@ from flows.review import ReviewTimedOut, failed_for
 from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
+from lorapipe.policy import check_run
 from lorapipe.retrain import last_trained, training_fingerprint
 from lorapipe.workspace import Workspace, slugify
 
@@ -28,6 +29,7 @@ NOTHING_NEW = "nothing new"
 def nightly(config: PipelineConfig) -> dict:
     """Re-collect the photos; retrain only if photos, review decisions or settings changed."""
     logger = get_run_logger()
+    check_run(config)
     ws = Workspace.at(config.workspace_path())
     collected, _ = run_stage("collect", config, ws)
     last = last_trained(ws)

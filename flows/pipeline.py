@@ -15,8 +15,10 @@ from flows.review import ReviewTimedOut, failed_for, settle_review
 from flows.stages import reviewed_manifest, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
+from lorapipe.policy import check_run
 from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
+from tasks.probe import decided, decision_summary
 
 
 def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
@@ -32,6 +34,7 @@ def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
 @flow(name="dataset")
 def dataset_flow(config: PipelineConfig) -> dict:
     """Collect, validate, dedup, crop, caption and review: a workspace of approved training images."""
+    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
     ws = Workspace.at(config.workspace_path())
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     stages: dict = {}
@@ -62,20 +65,26 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
         manifest: A reviewed manifest; empty: the workspace's captions reviewed again (captions edited in
             WORKSPACE/images/*.txt since the last review count)
     """
+    check_run(config, manifest)
     ws = Workspace.at(config.workspace_path())
     if manifest is None:  # the review stage again: captions edited in images/*.txt since then count
         manifest = reviewed_manifest(config, ws)
     stages: dict = {}
+    # train_text_encoders: auto → the probe renders the name with the base model and decides.
+    probe = _record(stages, "probe", *run_stage("probe", config, ws, manifest))
+    config = decided(config, probe)
     train = _record(stages, "train", *run_stage("train", config, ws, manifest))
+    train["text_encoders"] = decision_summary(probe)  # into the LoRA's metadata
     export = _record(stages, "export", *run_stage("export", config, ws, manifest, train=train))
-    evaluate = _record(stages, "evaluate", *run_stage("evaluate", config, ws, lora_file=export["lora"]))
-    publish_training(config.name, train, export, evaluate, stages)
-    return {"train": train, "export": export, "evaluate": evaluate, "stages": stages}
+    evaluate = _record(stages, "evaluate", *run_stage("evaluate", config, ws, manifest, lora_file=export["lora"]))
+    publish_training(config.name, train, export, evaluate, stages, probe)
+    return {"train": train, "export": export, "evaluate": evaluate, "probe": probe, "stages": stages}
 
 
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
+    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
     try:
         return build_lora(config)
     except ReviewTimedOut as err:
@@ -99,6 +108,8 @@ def build_lora(config: PipelineConfig) -> dict:
         "lora_bytes": trained["export"]["size_bytes"],
         "samples": trained["evaluate"]["samples"],
         "mean_abs_difference": trained["evaluate"]["mean_abs_difference"],
+        "evaluate": trained["evaluate"],
+        "text_encoders": decision_summary(trained["probe"]),
         "steps": trained["train"]["steps"],
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 
 def sdxl_buckets(resolution: int = 1024, step: int = 64, max_aspect: float = 2.4) -> list[tuple[int, int]]:
@@ -29,3 +30,15 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 def bucket_name(bucket: tuple[int, int]) -> str:
     return f"{bucket[0]}x{bucket[1]}"
+
+
+def merge_targets(counts: Mapping[tuple[int, int], int], min_images: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """{small bucket: the bucket its images join}: every bucket with fewer than `min_images` images goes to
+    the nearest (by aspect) bucket that has enough. Empty when no bucket is small, or none is big enough.
+
+    A bucket of one image makes micro-batches of one: slow, and a tensor shape of its own.
+    """
+    big = [b for b, n in counts.items() if n >= min_images]
+    if not big:
+        return {}
+    return {b: nearest_bucket(b[0], b[1], big) for b, n in counts.items() if n < min_images}

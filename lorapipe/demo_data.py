@@ -150,7 +150,10 @@ def write_demo_photos(folder: str | Path, count: int = 10, seed: int = 0) -> dic
 
 def extra_photo(folder: str | Path, index: int = 50, seed: int = 7) -> Path:
     """One more distinct portrait, for "add a photo and rerun"."""
-    scene = Scene("white t-shirt", "in a kitchen", True, (1024, 1280), seed * 1000 + index)  # unlike the ten
     path = Path(folder) / f"new_portrait_{index}.jpg"
-    write_if_changed(path, jpeg_bytes(draw(scene)))
+    write_if_changed(path, jpeg_bytes(draw(extra_scene(index, seed))))
     return path
+
+
+def extra_scene(index: int = 50, seed: int = 7) -> Scene:
+    return Scene("white t-shirt", "in a kitchen", True, (1024, 1280), seed * 1000 + index)  # unlike the ten

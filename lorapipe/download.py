@@ -32,6 +32,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from lorapipe.fsutil import publish
 from lorapipe.images import FILE_SUFFIX, HEAD_BYTES, describe_content, sniff_format
 
 log = logging.getLogger("lorapipe.download")
@@ -94,6 +95,16 @@ class DownloadPolicy:
         )
 
 
+def is_url(source: str) -> bool:
+    """A photo source that is downloaded (the others are local paths)."""
+    return source.lower().startswith(("http://", "https://"))
+
+
+def as_sources(images: str | list[str]) -> list[str]:
+    """The `images` setting (one source or several) as a list."""
+    return [images] if isinstance(images, str) else list(images)
+
+
 def address_problem(address: str, allow: Iterable = ()) -> str | None:
     """Why this address may not be reached, or None for a public (or explicitly allowed) one."""
     ip = ipaddress.ip_address(address.split("%")[0])
@@ -114,27 +125,61 @@ def address_problem(address: str, allow: Iterable = ()) -> str | None:
 
 
 def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL; DownloadFailed('bad_url: ...') for anything else."""
     try:
         parts = urlsplit(url)
         port = parts.port
+        host = parts.hostname
     except ValueError as err:
         raise DownloadFailed(f"bad_url: {err}") from err
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadFailed(f"bad_url: only http and https are downloaded, not {scheme or 'a bare path'!r}")
-    if not parts.hostname:
+    if not host:
         raise DownloadFailed("bad_url: no host name")
     if parts.username or parts.password:
         raise DownloadFailed("bad_url: credentials in URLs are not sent")
-    return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
+    if problem := host_name_problem(host):
+        raise DownloadFailed(f"bad_url: {host!r} is not a valid host name ({problem})")
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why `host` can never resolve (a typo, not a network hiccup: no retry), or None.
+
+    An IP literal is fine; a name must encode as IDNA into dot-separated labels of 1-63 letters, digits,
+    hyphens and underscores, at most 253 characters in all (RFC 1035, RFC 5890).
+    """
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError as err:
+        return str(err)
+    if len(ascii_name) > 253:
+        return "longer than 253 characters"
+    for label in ascii_name.split("."):
+        if not 1 <= len(label) <= 63:
+            return "an empty label or one longer than 63 characters"
+        if not all(c.isalnum() or c in "-_" for c in label) or label.startswith("-") or label.endswith("-"):
+            return f"the label {label!r} has characters a host name cannot have"
+    return None
 
 
 def resolve_checked(host: str, port: int, allow: Iterable = ()) -> str:
     """The first address of `host` that may be reached; DownloadFailed naming the problem if none may."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as err:
-        raise DownloadFailed(f"unreachable: cannot resolve {host} ({err})", retryable=True) from err
+    except UnicodeError as err:
+        raise DownloadFailed(f"bad_url: {host!r} is not a valid host name ({err})") from err
+    except socket.gaierror as err:
+        # "No such name" is the answer, not a hiccup: retried on the next run, not now. Anything else
+        # (EAI_AGAIN: the resolver did not answer) may pass on a second try.
+        missing = err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        raise DownloadFailed(f"unreachable: cannot resolve {host} ({err})", retryable=not missing) from err
     problems = []
     for *_, sockaddr in infos:
         problem = address_problem(sockaddr[0], allow)
@@ -222,6 +267,8 @@ class Downloader:
                 )
                 try:
                     response = client.send(request, stream=True)
+                except httpx.InvalidURL as err:  # httpx reads a redirect's Location (a data: URL, say) itself
+                    raise DownloadFailed(f"bad_url: redirected from {current} to an unusable URL ({err})") from err
                 except httpx.TimeoutException as err:
                     raise DownloadFailed(f"timeout: {type(err).__name__} from {host}", retryable=True) from err
                 except httpx.TransportError as err:
@@ -273,8 +320,7 @@ class Downloader:
                     raise DownloadFailed(f"unreachable: connection lost ({err})", retryable=True) from err
             if fmt is None:
                 fmt = self._format(head, response)
-            final = self.dest / f"{digest.hexdigest()}{FILE_SUFFIX[fmt]}"
-            os.replace(tmp, final)
+            final = publish(tmp, self.dest / f"{digest.hexdigest()}{FILE_SUFFIX[fmt]}")
             return Downloaded(url, final, digest.hexdigest(), size, fmt, final_url)
         finally:
             tmp.unlink(missing_ok=True)
@@ -312,7 +358,11 @@ def interleave_hosts(urls: list[str]) -> list[str]:
     """
     by_host: dict[str, list[str]] = {}
     for url in urls:
-        by_host.setdefault((urlsplit(url).hostname or "").lower(), []).append(url)
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:  # a malformed URL fails on its own (split_url says why), in any slot
+            host = ""
+        by_host.setdefault(host, []).append(url)
     queues = list(by_host.values())
     ordered = []
     while queues:

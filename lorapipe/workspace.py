@@ -1,10 +1,25 @@
-"""Workspace layout, one per dataset name (DESIGN.md §2)."""
+"""Workspace layout, one per dataset name: raw/, images/, cache/, manifests/, runs/, loras/.
+
+One writer per stage: a stage run takes the workspace's lock for that stage (`Workspace.lock`), so two
+runs on one workspace take turns stage by stage (the second then finds the first's cached result) instead
+of writing the same files at once. The lock dies with its holder, and whoever takes it next removes the
+temp files a killed holder left (`Workspace.remove_stale_temps`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from lorapipe.errors import UserError
+from lorapipe.fsutil import file_lock, remove_temps
+
+LOCKS = ".locks"
+# (folder, glob) of the temp files each stage writes outside manifests/ (fsutil.atomic_path names them).
+STAGE_TEMPS = {"collect": [("raw", ".*")], "crop": [("images", ".*.tmp.png")], "review": [("images", ".*.txt.*.tmp")]}
 
 
 def slugify(name: str) -> str:
@@ -18,10 +33,33 @@ class Workspace:
 
     @classmethod
     def at(cls, root: str | Path) -> "Workspace":
+        """The workspace at `root`, its folders created. Raises UserError if a file is in the way."""
         ws = cls(Path(root).expanduser().resolve())
-        for folder in (ws.raw, ws.images, ws.cache, ws.manifests, ws.runs, ws.loras):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (ws.root, ws.raw, ws.images, ws.cache, ws.manifests, ws.runs, ws.loras):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"{folder}: is a file; a workspace needs a folder here (choose another workspace)")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"{folder}: cannot create the workspace folder ({err.strerror or err})") from None
         return ws
+
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """This workspace's lock for `stage`: waits while another run holds it (see the module's docstring)."""
+        with file_lock(self.root / LOCKS / f"{stage}.lock", f"the {stage} stage of {self.root}"):
+            yield
+
+    def remove_stale_temps(self, stage: str) -> None:
+        """Remove the temp files a killed run of `stage` left; call it holding `lock(stage)`.
+
+        Only temp names this stage writes: all of raw/ (collect is its only writer), crops (`.x.png.….tmp.png`)
+        and caption sidecars (`.x.txt.….tmp`) in images/, the stage's own manifests. A training run folder
+        has its own lock and clean-up (tasks/train.py).
+        """
+        for folder, pattern in STAGE_TEMPS.get(stage, []):
+            remove_temps(self.root / folder, pattern)
+        remove_temps(self.manifests, f".{stage}.*")
 
     @property
     def raw(self) -> Path:

@@ -4,7 +4,8 @@ Sources are folders (searched recursively), zip/tar archives, URL lists (a .txt 
 line, or a .csv file with a `url` column) and single URLs. Originals are only read. Bytes already in
 raw/ are not copied again, and a URL downloaded once is not downloaded again; a URL that failed is
 retried on the next run. A source that yields nothing usable (a failed URL, an unsafe archive member)
-becomes a rejected record with the reason, never a crash.
+becomes a rejected record with the reason, never a crash; each line of a URL list is judged on its own,
+and its reason names the list and the line.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from lorapipe.archives import ArchiveError, is_archive, unpack
+from lorapipe.archives import ArchiveError, TooManyMembers, is_archive, unpack
 from lorapipe.config import CollectConfig
-from lorapipe.download import DownloadFailed, Downloader, DownloadPolicy
+from lorapipe.download import DownloadFailed, Downloader, DownloadPolicy, as_sources, is_url
+from lorapipe.errors import UserError
 from lorapipe.fsutil import atomic_copy, sha256_file
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord
+from lorapipe.textio import read_user_text
 from lorapipe.workspace import Workspace
 from tasks.stage import code_version, finish_manifest_stage, stage_key, stage_task
 
@@ -30,14 +33,6 @@ log = logging.getLogger("lorapipe.collect")
 # Files that sit beside photos in training folders and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".toml", ".yaml", ".yml", ".npz", ".md"}
 URL_LIST_SUFFIXES = {".txt", ".csv", ".urls"}
-
-
-def is_url(source: str) -> bool:
-    return source.lower().startswith(("http://", "https://"))
-
-
-def as_sources(images: str | list[str]) -> list[str]:
-    return [images] if isinstance(images, str) else list(images)
 
 
 def resolve_sources(images: str | list[str]) -> list[str]:
@@ -104,10 +99,13 @@ def collect_archive(path: str | Path, ws: Workspace, config: CollectConfig) -> t
     before = {p.name for p in ws.raw.iterdir()}
     try:
         items = unpack(path, ws.raw, config.max_file_bytes, config.max_archive_bytes,
-                       lambda name: is_candidate(name, config.recursive))
+                       lambda name: is_candidate(name, config.recursive), config.max_archive_members)
     except ArchiveError as err:
-        log.warning("%s: rejected (%s)", path, err)
-        return [_failed(str(path), f"corrupt: {err}", _now())], {"files": 1, "computed": 0, "reused": 0}
+        if isinstance(err, TooManyMembers):  # refused as a whole: what it unpacked so far goes too
+            for added in {p.name for p in ws.raw.iterdir()} - before:
+                (ws.raw / added).unlink(missing_ok=True)
+        log.warning("%s: rejected (%s)", path, err.reason)
+        return [_failed(str(path), err.reason, _now())], {"files": 1, "computed": 0, "reused": 0}
     records, new = [], 0
     for item in items:
         source = f"{path}!/{item.name}"
@@ -123,20 +121,36 @@ def collect_archive(path: str | Path, ws: Workspace, config: CollectConfig) -> t
     return records, {"files": len(records), "computed": new, "reused": accepted - new}
 
 
-def read_url_list(path: str | Path) -> list[str]:
-    """URLs from a .txt file (one a line; blank lines and # comments skipped) or a .csv with a url column."""
+def url_list_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, URL) from a .txt file (one a line; blank lines and # comments skipped) or a .csv with
+    a url column. Lines are not judged here: a malformed one fails alone when collected, with its line.
+
+    Raises:
+        UserError: the list cannot be read as UTF-8 text, or a CSV has no `url` column.
+    """
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_user_text(path, "URL list")
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        column = next((c for c in (rows[0].keys() if rows else []) if c and c.strip().lower() == "url"), None)
-        if column is None:
-            raise ValueError(f"{path}: a CSV URL list needs a column named 'url'")
-        return [row[column].strip() for row in rows if (row[column] or "").strip()]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            reader = csv.DictReader(text.splitlines())
+            column = next((c for c in (reader.fieldnames or []) if c and c.strip().lower() == "url"), None)
+            if column is None:
+                raise UserError(f"{path}: a CSV URL list needs a column named 'url'")
+            return [(reader.line_num, url) for row in reader if (url := (row[column] or "").strip())]
+        except csv.Error as err:
+            raise UserError(f"{path}: not a readable CSV file ({err})") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
-def collect_urls(urls: list[str], ws: Workspace, config: CollectConfig) -> tuple[list[ImageRecord], dict]:
+def read_url_list(path: str | Path) -> list[str]:
+    return [url for _, url in url_list_lines(path)]
+
+
+def collect_urls(urls: list[str], ws: Workspace, config: CollectConfig,
+                 where: dict[str, str] | None = None) -> tuple[list[ImageRecord], dict]:
+    """Download the URLs (each once) into raw/. `where`: URL -> "urls.txt line 3", added to its failure reason."""
+    where = where or {}
     cache = ItemCache(ws.cache, "download")
     done: dict[str, dict] = {}
     for url in dict.fromkeys(urls):
@@ -165,7 +179,8 @@ def collect_urls(urls: list[str], ws: Workspace, config: CollectConfig) -> tuple
     for url in urls:
         entry = done[url]
         if "id" not in entry:
-            records.append(_failed(url, entry["reason"], entry["failed_at"]))
+            reason = f"{entry['reason']} ({where[url]})" if url in where else entry["reason"]
+            records.append(_failed(url, reason, entry["failed_at"]))
         else:
             records.append(ImageRecord(id=entry["id"], source=url, fetched_at=entry["fetched_at"],
                                        raw_path=entry["raw_path"], size_bytes=entry["size_bytes"]))
@@ -204,12 +219,14 @@ def collect_sources(images: str | list[str], ws: Workspace, config: CollectConfi
         elif kind == "file":
             record, new = copy_in(Path(source), ws)
             got, s = [record], {"files": 1, "computed": int(new), "reused": int(not new)}
+        elif kind == "url":
+            got, s = collect_urls([source], ws, config)
         else:
-            try:
-                urls = [source] if kind == "url" else read_url_list(source)
-            except (OSError, UnicodeDecodeError, csv.Error) as err:
-                raise ValueError(f"{source}: cannot read the URL list ({err})") from err
-            got, s = collect_urls(urls, ws, config)
+            lines = url_list_lines(source)
+            where: dict[str, str] = {}
+            for n, url in lines:
+                where.setdefault(url, f"{Path(source).name} line {n}")
+            got, s = collect_urls([url for _, url in lines], ws, config, where)
         records.extend(got)
         for key in stats:
             stats[key] += s[key]

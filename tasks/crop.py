@@ -38,13 +38,14 @@ def load_for_crop(path, width: int, height: int, scale: float) -> tuple[Image.Im
     return img, img.width / width
 
 
-def plan_and_crop(src, dest: Path, width: int, height: int, bucket: tuple[int, int], config: CropConfig) -> dict:
-    """Find the face, place the crop, write the bucket-sized PNG; returns what the manifest records."""
+def plan_and_crop(src, dest: Path, width: int, height: int, bucket: tuple[int, int], config: CropConfig,
+                  face: list[int] | None = None) -> dict:
+    """Find the face (unless given: a face found before, in original pixels), place the crop, write the
+    bucket-sized PNG; returns what the manifest records."""
     cw, _ = crop_size(width, height, bucket)
     scale = bucket[0] / cw
     img, k = load_for_crop(src, width, height, scale)
-    face = None
-    if config.face_aware:
+    if face is None and config.face_aware:
         faces = detect_faces(img)
         if faces:
             face = [min(round(v / k), limit) for v, limit in zip(faces[0], (width, height, width, height))]
@@ -80,6 +81,35 @@ def publish(cached: Path, dest: Path) -> Path:
     return dest
 
 
+def crop_to_bucket(record: ImageRecord, ws: Workspace, config: CropConfig, bucket: tuple[int, int],
+                   cache: ItemCache, dest: Path, face: list[int] | None = None) -> dict:
+    """The original cropped to `bucket` (cached per image, settings and bucket), published at `dest`."""
+    key = cache.key(record.id, record.width, record.height, config.model_dump(mode="json"), CODE, bucket, face)
+    cropped = cache.file(key, ".png")
+    plan = cache.get(key)
+    if plan is None or not cropped.exists():
+        plan = plan_and_crop(ws.path(record.raw_path), cropped, record.width, record.height, bucket, config, face)
+        cache.put(key, plan)
+    publish(cropped, dest)
+    return plan
+
+
+def cropped_fields(record: ImageRecord, plan: dict, image_path: str) -> dict:
+    """The manifest fields a crop sets, SDXL's size and crop conditioning among them."""
+    box, scale = plan["box"], plan["scale"]
+    return {
+        "crop": box,
+        "bucket": plan["bucket"],
+        "original_size": [record.height, record.width],
+        # SDXL's crop conditioning is the offset in the resized image, before cropping.
+        "crop_top_left": [round(box[1] * scale), round(box[0] * scale)],
+        "image_path": image_path,
+        "crop_method": plan["method"],
+        "face": plan["face"],
+        "crop_scale": scale,
+    }
+
+
 def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) -> tuple[list, dict]:
     buckets = sdxl_buckets(config.resolution, config.bucket_step)
     cache = ItemCache(ws.cache, "crop")
@@ -89,36 +119,16 @@ def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) 
             out.append(record)
             continue
         bucket = nearest_bucket(record.width, record.height, buckets)
-        key = cache.key(record.id, record.width, record.height, config.model_dump(mode="json"), CODE)
-        cropped = cache.file(key, ".png")
-        plan = cache.get(key)
-        if plan is None or not cropped.exists():
-            plan = plan_and_crop(ws.path(record.raw_path), cropped, record.width, record.height, bucket, config)
-            cache.put(key, plan)
-        dest = publish(cropped, ws.images / f"{record.id}.png")
-        box, scale = plan["box"], plan["scale"]
+        dest = ws.images / f"{record.id}.png"
+        plan = crop_to_bucket(record, ws, config, bucket, cache, dest)
+        scale = plan["scale"]
         flags = [f for f in record.flags if not f.startswith("upscaled")]
         if scale > 1:
             upscaled += 1
             flags.append(f"upscaled: {scale:.2f}x to fill {plan['bucket']}")
             log.info("%s: upscaled %.2fx to fill %s", record.source, scale, plan["bucket"])
         methods[plan["method"]] += 1
-        out.append(
-            record.model_copy(
-                update={
-                    "crop": box,
-                    "bucket": plan["bucket"],
-                    "original_size": [record.height, record.width],
-                    # SDXL's crop conditioning is the offset in the resized image, before cropping.
-                    "crop_top_left": [round(box[1] * scale), round(box[0] * scale)],
-                    "image_path": ws.relative(dest),
-                    "crop_method": plan["method"],
-                    "face": plan["face"],
-                    "crop_scale": scale,
-                    "flags": flags,
-                }
-            )
-        )
+        out.append(record.model_copy(update={**cropped_fields(record, plan, ws.relative(dest)), "flags": flags}))
     stats = {**cache.stats(), "upscaled": upscaled, **{f"crop_{m}": n for m, n in methods.items()},
              "buckets": sorted({r.bucket for r in out if r.kept})}
     return out, stats

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from lorapipe.config import DedupConfig
+from lorapipe.copy_quality import measure_copies, rank_key, why_better
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
 from lorapipe.phash import close_pairs, clusters, hamming, hash_files, pack
@@ -35,14 +36,14 @@ def attach_hashes(records: list[ImageRecord], indices: list[int], ws: Workspace,
     return cache.stats()
 
 
-def quality(record: ImageRecord, order: int) -> tuple:
-    """Which copy to keep: the most pixels, then a sharp one over a blurry one, then the first collected.
-
-    Sharpness is the validate stage's blur flag, not the raw score: the variance of the Laplacian also
-    rises with contrast and with compression artefacts, so between two copies of one photo a
-    brightened or recompressed copy often scores higher than the original.
-    """
-    return (record.width * record.height, "blurry" not in record.flags, -order)
+def best_copy(records: list[ImageRecord], members: list[int], ws: Workspace) -> tuple[int, dict[int, str]]:
+    """The member to keep, and for each other member why the kept one won (lorapipe/copy_quality.py)."""
+    measured = measure_copies([ws.path(records[m].raw_path) for m in members], [records[m].format for m in members])
+    best_detail = max(q.detail for q in measured)
+    keys = [rank_key(q, best_detail, "blurry" in records[m].flags, m) for m, q in zip(members, measured)]
+    winner = max(range(len(members)), key=keys.__getitem__)
+    return members[winner], {m: why_better(measured[winner], q, best_detail)
+                             for m, q in zip(members, measured) if m != members[winner]}
 
 
 def dedup_records(records: list[ImageRecord], ws: Workspace, config: DedupConfig) -> tuple[list, dict]:
@@ -67,21 +68,19 @@ def dedup_records(records: list[ImageRecord], ws: Workspace, config: DedupConfig
     for group in clusters(len(unique), pairs):
         if len(group) < 2:
             continue
-        members = [unique[g] for g in group]
-        best = max(members, key=lambda m: quality(out[m], m))
-        for m in members:
-            if m == best:
-                continue
+        best, why = best_copy(out, [unique[g] for g in group], ws)
+        for m, reason in why.items():
             d = hamming(out[m].phash, out[best].phash)
-            log.info("%s: near duplicate of %s (%d bits apart)", out[m].source, out[best].source, d)
+            log.info("%s: near duplicate of %s (%d bits apart; kept: %s)", out[m].source, out[best].source, d, reason)
             out[m] = out[m].reject(
-                f"duplicate_of: {Path(out[best].source).name} (near copy, phash distance {d})", out[best].id
+                f"duplicate_of: {Path(out[best].source).name} (near copy, phash distance {d}; kept for {reason})",
+                out[best].id,
             )
             near += 1
     return out, {**stats, "exact_duplicates": exact, "near_duplicates": near}
 
 
-CODE = code_version(__name__, "lorapipe.phash")
+CODE = code_version(__name__, "lorapipe.phash", "lorapipe.copy_quality")
 HASH_CODE = code_version("lorapipe.phash", "lorapipe.images")  # hashes stay valid when only the clustering changes
 
 

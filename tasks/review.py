@@ -10,7 +10,6 @@ the workspace's log (lorapipe/review_decisions.py) and the sidecars are written 
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,52 +18,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from captioners import clip_token_counter
-from captioners.postprocess import BOILERPLATE, REFUSAL
+from captioners.review_rules import caption_problems
 from lorapipe.config import ReviewConfig
+from lorapipe.errors import UserError
 from lorapipe.fsutil import atomic_write_text
 from lorapipe.manifest import CaptionEdit, ImageRecord, read_manifest
 from lorapipe.review_decisions import (DecisionStore, Resolved, ReviewDecision, SidecarLedger, resolve,
                                        review_inputs_digest, same_text, sha256_bytes)
-from lorapipe.workspace import Workspace
-from lorapipe.errors import UserError
 from lorapipe.textio import decode_user_text
+from lorapipe.workspace import Workspace
 from tasks.review_answers import REFUSED_EDIT_KINDS, display_name, record_answer, record_decision
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.review")
-
-# Text in the picture is often a watermark, a meme caption or a screenshot: worth a look, maybe a drop.
-MENTIONS_TEXT = re.compile(
-    r"\b(watermark\w*|logo|signature|copyright|subtitles?|username|text (?:that )?(?:reads|says)|"
-    r"the words?|written|caption reads)\b|@\w+|©",
-    re.IGNORECASE,
-)
-BOILERPLATE_ANYWHERE = re.compile(r"\b(?:the|this) (?:image|photo|picture) (?:shows|depicts|features)\b", re.I)
-
-
-def caption_problems(caption: str | None, name: str, config: ReviewConfig, count_tokens) -> list[str]:
-    """Every rule the caption breaks, as reasons for the manifest (empty list: clean)."""
-    if not caption or not caption.strip():
-        return ["empty: no caption"]
-    problems = []
-    if name.lower() not in caption.lower():
-        problems.append(f"name_missing: {name!r} is not in the caption")
-    tokens = count_tokens(caption)
-    if tokens > config.max_tokens:
-        problems.append(f"too_long: {tokens} CLIP tokens > {config.max_tokens}")
-    words = len(caption.split())
-    if words < config.min_words:
-        problems.append(f"too_short: {words} words < {config.min_words}")
-    for token in config.placeholder_tokens:
-        if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption, re.IGNORECASE):
-            problems.append(f"placeholder: {token!r} (use the person's real name)")
-    if m := REFUSAL.search(caption):
-        problems.append(f"refusal: {m.group(0)!r}")
-    if m := (BOILERPLATE.search(caption) or BOILERPLATE_ANYWHERE.search(caption)):
-        problems.append(f"boilerplate: {m.group(0).strip()!r}")
-    if m := MENTIONS_TEXT.search(caption):
-        problems.append(f"mentions_text: {m.group(0)!r} (a watermark or caption in the picture?)")
-    return problems
 
 
 def edit_check(name: str, config: ReviewConfig, count_tokens):
@@ -202,7 +168,8 @@ def review_records(
     return out, stats
 
 
-CODE = code_version(__name__, "lorapipe.review_decisions", "tasks.review_answers")
+CODE = code_version(__name__, "lorapipe.review_decisions", "tasks.review_answers", "captioners.review_rules",
+                    "captioners.caption_text", "captioners.caption_subject")
 
 
 def review_key(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str,
@@ -231,10 +198,11 @@ def run_record_answer(manifest: str, workspace: str, answer: ReviewDecision, con
                       tokenizer_from: str, source: str = "form", ref: str | None = None,
                       scope: list[str] | None = None) -> dict:
     """Record a person's answer about the captions in `manifest` (the review manifest they saw)."""
-    records = read_manifest(manifest)
+    ws, records = Workspace.at(workspace), read_manifest(manifest)
     check = edit_check(name, config, clip_token_counter(tokenizer_from))
-    outcome = record_answer(records, DecisionStore(Workspace.at(workspace).cache), answer, source, check=check,
-                            ref=ref, scope=set(scope) if scope else None)
+    with ws.lock("review"):  # beside `lorapipe review` in a terminal, writing the same logs
+        outcome = record_answer(records, DecisionStore(ws.cache), answer, source, check=check, ref=ref,
+                                scope=set(scope) if scope else None)
     return {"recorded": outcome.recorded, "problems": outcome.problems}
 
 

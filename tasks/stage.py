@@ -89,14 +89,17 @@ def call_stage(stage, ws: Workspace, **parameters) -> tuple[dict, bool]:
     """Run a stage task with results stored in the workspace; returns (result, was_cached).
 
     A cached result whose output files were deleted is recomputed (refresh_cache) instead of
-    handing later stages paths that no longer exist.
+    handing later stages paths that no longer exist. The stage runs holding the workspace's lock for it:
+    a second run on the same workspace waits, then finds this one's result in the cache.
     """
     storage = ws.cache / "prefect-results"
-    state = stage.with_options(result_storage=storage)(**parameters, return_state=True)
-    result = state.result()
-    cached = state.name == "Cached"
-    if cached and not all(Path(p).exists() for p in result.get("outputs", [])):
-        log.warning("%s: cached result points at missing files; recomputing", stage.name)
-        state = stage.with_options(result_storage=storage, refresh_cache=True)(**parameters, return_state=True)
-        result, cached = state.result(), False
+    with ws.lock(stage.name):
+        ws.remove_stale_temps(stage.name)
+        state = stage.with_options(result_storage=storage)(**parameters, return_state=True)
+        result = state.result()
+        cached = state.name == "Cached"
+        if cached and not all(Path(p).exists() for p in result.get("outputs", [])):
+            log.warning("%s: cached result points at missing files; recomputing", stage.name)
+            state = stage.with_options(result_storage=storage, refresh_cache=True)(**parameters, return_state=True)
+            result, cached = state.result(), False
     return result, cached

@@ -107,3 +107,14 @@ def write_sgm_checkpoint(diffusers_dir: Path, dest: Path) -> Path:
         out[f"conditioner.embedders.1.model.{key}"] = value
     save_file({k: v.contiguous() for k, v in out.items()}, dest)
     return dest
+
+
+def write_vae_single_file(state: dict[str, torch.Tensor], vae_config: dict, dest: Path) -> Path:
+    """A diffusers VAE state dict as one original-layout (LDM) .safetensors file, the kind people download
+    (e.g. sdxl_vae.safetensors)."""
+    out = {}
+    for key, value in state.items():
+        name, to_conv = vae_key(key, len(vae_config["block_out_channels"]))
+        out[name] = value[:, :, None, None] if to_conv else value
+    save_file({k: v.contiguous() for k, v in out.items()}, dest)
+    return dest

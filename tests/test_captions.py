@@ -1,4 +1,4 @@
-"""Captioning with the tiny LLaVA (saved, loaded back with from_pretrained), post-processing, review rules."""
+"""Captioning with the tiny LLaVA (saved, loaded back with from_pretrained) and fitting captions to CLIP's 75 tokens."""
 
 from __future__ import annotations
 
@@ -13,33 +13,7 @@ from tasks.caption import caption_records
 NAME = "Jane Doe"
 
 
-@pytest.mark.parametrize(
-    "raw, expected",
-    [
-        # LLaVA-1.5 style
-        ("The image shows a woman smiling in a red coat outdoors.", "Jane Doe smiling in a red coat outdoors."),
-        ("In this image, a young man stands on a street.", "Jane Doe stands on a street."),
-        # GPT-4o style, markdown and quotes
-        ('"**A smiling woman in a denim jacket leans on a railing at golden hour.**"',
-         "Jane Doe in a denim jacket leans on a railing at golden hour."),
-        # CogVLM style, starting with the framing
-        ("close-up portrait, laughing, in a studio", "Jane Doe, close-up portrait, laughing, in a studio"),
-        ("A photo of the person sitting at a cafe table, holding a cup.",
-         "A photo of Jane Doe sitting at a cafe table, holding a cup."),
-        # GLM-4.1V-Thinking: reasoning stripped, the answer kept
-        ("<think>The user wants a caption.</think><answer>A man in a grey suit on a city street.</answer>",
-         "Jane Doe in a grey suit on a city street."),
-        ("Jane Doe sitting in a kitchen", "Jane Doe sitting in a kitchen"),
-        ("a woman wearing a coat coat coat", "Jane Doe wearing a coat"),
-        ("I'm sorry, I cannot describe people in images.", ""),
-    ],
-)
-def test_finish_caption(raw, expected):
-    assert finish_caption(raw, NAME) == expected
-
-
-def test_class_word_follows_the_name():
-    assert finish_caption("a woman in a park", NAME, class_word="woman") == "Jane Doe, a woman, in a park"
+# Post-processing rules, row by row: tests/test_caption_rules.py.
 
 
 def test_fit_cuts_at_a_clause_and_keeps_the_name(tiny_models):
@@ -78,7 +52,7 @@ def test_quantized_loading_needs_a_gpu(tiny_models):
 def test_tiny_llava_describes_what_it_sees(tiny_models):
     captioner = load_captioner("llava", str(tiny_models.llava), device="cpu", max_new_tokens=24)
     scene = scenes(1)[0]
-    answer = captioner.describe([draw(scene)], CaptionConfig().prompt)[0]
+    answer = captioner.describe([draw(scene)], CaptionConfig().prompt)[0].text
     assert answer.startswith("a woman") and scene.clothes in answer
 
 
@@ -90,7 +64,7 @@ def cropped(tmp_path, workspace):
 def test_caption_stage_names_the_person_and_caches_per_image(cropped, workspace, tiny_models):
     config = CaptionConfig(model=str(tiny_models.llava), device="cpu", max_new_tokens=24)
     records, stats = caption_records(cropped, workspace, config, NAME, str(tiny_models.sdxl))
-    assert stats == {"computed": 3, "reused": 0, "captions": 3}
+    assert stats == {"computed": 3, "reused": 0, "captions": 3, "failed": 0}
     assert all(r.caption.startswith(NAME) for r in records)
     assert records[0].caption_by["model"] == str(tiny_models.llava)
 

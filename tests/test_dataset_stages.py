@@ -175,6 +175,42 @@ def test_dedup_keeps_the_largest_then_the_sharp_copy(tmp_path, workspace):
     assert stats["near_duplicates"] == 2
 
 
+@pytest.mark.parametrize("make_worse, why", [
+    # A blurry thumbnail upscaled past its original: more pixels, less detail.
+    (lambda img: img.resize((320, 448), Image.LANCZOS).resize((1000, 1400), Image.BICUBIC), "more detail"),
+    (lambda img: img.convert("L").convert("RGB"), "colour"),
+    (lambda img: img.convert("L"), "colour"),
+])
+def test_dedup_keeps_the_copy_with_the_most_detail_in_colour(tmp_path, workspace, make_worse, why):
+    src = tmp_path / "photos"
+    original = photo(800, 1120, seed=11)
+    save(make_worse(original), src / "a_worse.jpg", quality=95)
+    save(original, src / "b_original.jpg", quality=95)
+    records, _ = validate_records(collected(src, workspace), workspace, ValidateConfig(min_side=512))
+    records, _ = dedup_records(records, workspace, DedupConfig())
+    by_name = {r.source.split("/")[-1]: r for r in records}
+    assert by_name["b_original.jpg"].kept, by_name["b_original.jpg"].reason
+    assert by_name["a_worse.jpg"].duplicate_of == by_name["b_original.jpg"].id
+    assert f"kept for {why}" in by_name["a_worse.jpg"].reason
+
+
+def test_dedup_keeps_the_less_compressed_copy_and_says_so(tmp_path, workspace):
+    from PIL import ImageFilter
+
+    src = tmp_path / "photos"
+    # Smooth content, so that the JPEGs keep the same detail and only their compression tells them apart.
+    original = photo(1200, 900, seed=12).filter(ImageFilter.GaussianBlur(1.5))
+    save(original, src / "a_recompressed.jpg", quality=40)
+    save(original, src / "b_original.jpg", quality=95)
+    save(original, src / "c_lossless.png")
+    records, _ = validate_records(collected(src, workspace), workspace, ValidateConfig(min_side=512))
+    records, _ = dedup_records(records, workspace, DedupConfig())
+    by_name = {r.source.split("/")[-1]: r for r in records}
+    assert by_name["c_lossless.png"].kept
+    assert "less compressed (lossless vs JPEG quality ~40)" in by_name["a_recompressed.jpg"].reason
+    assert "less compressed (lossless vs JPEG quality ~95)" in by_name["b_original.jpg"].reason
+
+
 def test_crop_fits_each_image_to_its_bucket(tmp_path, workspace):
     src = tmp_path / "photos"
     save(photo(1200, 1600, seed=7), src / "portrait.jpg")

@@ -188,7 +188,7 @@ def test_url_lists_collect_what_they_can_and_record_the_rest(server, tmp_path, w
                                                                      "missing.jpg")]
     assert records[0].kept and sha256_file(workspace.path(records[0].raw_path)) == records[0].id
     assert [r.reason.split(":")[0] for r in records[1:]] == ["not_an_image", "blocked", "http_error"]
-    assert records[3].reason == "http_error: 404 Not Found"
+    assert records[3].reason == "http_error: 404 Not Found (urls.csv line 5)"  # the list and its line
     validated, _ = validate_records(records, workspace, ValidateConfig(min_side=512))
     assert validated[0].kept and (validated[0].width, validated[0].height) == (800, 800)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorapipe.fsutil import atomic_write_json
+from lorapipe.fsutil import atomic_write_json, publish
 
 log = logging.getLogger("lorapipe.train")
 
@@ -81,9 +82,8 @@ def write_checkpoint(root: Path, step: int, job_key: str, trainables: dict[str, 
     """`trainables`: {"unet": lora state dict, "text_encoder": ..., ...}; `extra`: JSON (losses, epoch, ...)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # A name of its own: a second writer (there should be none: the run folder is locked) cannot share it.
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=root))
     for name, weights in trainables.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / f"lora_{name}.safetensors")
     save_state(tmp, "optimizer", optimizer.state_dict())
@@ -92,7 +92,7 @@ def write_checkpoint(root: Path, step: int, job_key: str, trainables: dict[str, 
     # Written last: a folder without it is an interrupted write and is never resumed from.
     atomic_write_json(tmp / COMPLETE, {"step": step, "job_key": job_key, **extra})
     shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    publish(tmp, final)
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from lorapipe.buckets import merge_targets
+from lorapipe.faces import center_crop, face_crop
 from lorapipe.fsutil import atomic_path, sha256_file, stable_hash
 
 log = logging.getLogger("lorapipe.train")
@@ -34,6 +35,9 @@ class Example:
     bucket: tuple[int, int]  # width, height the image is trained at
     original_size: tuple[int, int]  # height, width (SDXL order)
     crop_top_left: tuple[int, int]  # top, left, in pixels of the original resized to cover the bucket
+    # What the crop stage protected (the face): left, top, right, bottom in pixels of the file at image_path.
+    # Any later refit of the image to another bucket keeps it inside the frame, or leaves the image out.
+    face: tuple[int, int, int, int] | None = None
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "image_path": str(self.image_path)}
@@ -43,40 +47,53 @@ class Example:
         return cls(
             data["image_id"], Path(data["image_path"]), data["caption"], tuple(data["bucket"]),
             tuple(data["original_size"]), tuple(data["crop_top_left"]),
+            tuple(data["face"]) if data.get("face") else None,
         )
 
 
 # --- buckets ----------------------------------------------------------------------------------
 
 
-def cover_and_center(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, int, int]:
-    """Scale to cover `bucket`, then the centred crop's (top, left) offset: how an image is refitted."""
-    scale = max(bucket[0] / size[0], bucket[1] / size[1])
-    width, height = math.ceil(size[0] * scale), math.ceil(size[1] * scale)
-    return scale, (height - bucket[1]) // 2, (width - bucket[0]) // 2
+def fit_box(size: tuple[int, int], bucket: tuple[int, int], face=None) -> tuple[int, int, int, int]:
+    """The bucket-shaped box (left, top, right, bottom) of an image of `size` that is trained at `bucket`.
+
+    Placed like the crop stage places it (lorapipe/faces.py): around the face when there is one, centred
+    otherwise. The box is then resized to the bucket.
+    """
+    if face:
+        return face_crop(size[0], size[1], bucket, face, headroom=0.0)
+    return center_crop(size[0], size[1], bucket)
+
+
+def holds(box, inner) -> bool:
+    return box[0] <= inner[0] and box[1] <= inner[1] and inner[2] <= box[2] and inner[3] <= box[3]
 
 
 def merge_small_buckets(examples: list[Example], min_images: int) -> list[Example]:
     """Move images of buckets smaller than `min_images` into the nearest bucket (by aspect) that is not.
 
-    A bucket of one image makes micro-batches of one: slow, and a shape of its own to compile or capture.
+    The image is refitted around its face (never a blind centre crop); an image whose face cannot fit the
+    new bucket's frame is left out, with a warning naming it. lorapipe's train stage re-crops such images
+    from their originals before this runs (tasks/train.py), so there this finds nothing to merge.
     """
-    counts = Counter(ex.bucket for ex in examples)
-    big = [b for b, n in counts.items() if n >= min_images]
-    if not big or len(big) == len(counts):
-        return examples
+    targets = merge_targets(Counter(ex.bucket for ex in examples), min_images)
     out = []
     for ex in examples:
-        if counts[ex.bucket] >= min_images:
+        target = targets.get(ex.bucket)
+        if target is None:
             out.append(ex)
             continue
-        target = min(big, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ex.bucket[0] / ex.bucket[1])))
-        scale, top, left = cover_and_center(ex.bucket, target)
-        crop = (round(ex.crop_top_left[0] * scale) + top, round(ex.crop_top_left[1] * scale) + left)
+        box = fit_box(ex.bucket, target, ex.face)  # the image file is its bucket's size
+        if ex.face and not holds(box, ex.face):
+            log.warning("%s: left out of training: its face does not fit a %dx%d frame (its bucket %dx%d has "
+                        "fewer than %d images)", ex.image_path, *target, *ex.bucket, min_images)
+            continue
+        scale = target[0] / (box[2] - box[0])
+        crop = (round((ex.crop_top_left[0] + box[1]) * scale), round((ex.crop_top_left[1] + box[0]) * scale))
         out.append(dataclasses.replace(ex, bucket=target, crop_top_left=crop))
-    for bucket in sorted(set(counts) - set(big)):
-        log.info("bucket %dx%d has %d image(s) (< %d): merged into its nearest bucket", *bucket, counts[bucket],
-                 min_images)
+    for bucket, target in sorted(targets.items()):
+        log.warning("bucket %dx%d has fewer than %d images: its images are refitted to %dx%d (around their faces)",
+                    *bucket, min_images, *target)
     return out
 
 
@@ -162,13 +179,14 @@ class TensorCache:
         return {"computed": self.computed, "reused": self.reused}
 
 
-def image_tensor(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
-    """The image at its bucket's size as a 1x3xHxW tensor in [-1, 1], as the VAE expects."""
+def image_tensor(path: Path, bucket: tuple[int, int], face=None) -> torch.Tensor:
+    """The image at its bucket's size as a 1x3xHxW tensor in [-1, 1], as the VAE expects.
+
+    An image of another size (a merged bucket) is refitted with `fit_box`, around `face` if given.
+    """
     img = Image.open(path).convert("RGB")
-    if img.size != bucket:  # a merged bucket: cover it, then crop the centre
-        scale, top, left = cover_and_center(img.size, bucket)
-        img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.LANCZOS)
-        img = img.crop((left, top, left + bucket[0], top + bucket[1]))
+    if img.size != bucket:
+        img = img.resize(bucket, Image.LANCZOS, box=fit_box(img.size, bucket, face))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
@@ -178,10 +196,10 @@ def cache_latents(examples, vae, cache: TensorCache, vae_identity: dict, device,
     """VAE posterior (mean, std) per image. The VAE runs in fp32 or bf16, never fp16 (SDXL's VAE overflows)."""
     latents = {}
     for ex in examples:
-        key = stable_hash("latent", sha256_file(ex.image_path), ex.bucket, vae_identity, str(dtype))
+        key = stable_hash("latent", sha256_file(ex.image_path), ex.bucket, ex.face, vae_identity, str(dtype))
         entry = cache.get(key)
         if entry is None:
-            dist = vae.encode(image_tensor(ex.image_path, ex.bucket).to(device, dtype)).latent_dist
+            dist = vae.encode(image_tensor(ex.image_path, ex.bucket, ex.face).to(device, dtype)).latent_dist
             entry = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
             cache.put(key, entry)
         latents[ex.image_id] = entry

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from lorapipe.config import TrainConfig
 from lorapipe.fsutil import atomic_path
+from trainer.checks import MODELSPEC_PREDICTION_TYPE, SDXL_BASE_MODEL_VERSION
 from trainer.kohya import safetensors_hashes, to_kohya
 from trainer.optim import resolve_optimizer
 
@@ -56,10 +57,25 @@ def write(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return dest
 
 
+def portable_state(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder LoRA keys under transformers 4's module names, which load on transformers 4 and 5.
+
+    transformers 5's CLIPTextModel lost the `text_model.` level (CLIPTextModelWithProjection kept it), so
+    peft names its LoRA `encoder.layers.…`; diffusers strips `text_model.` again where a model lacks it
+    (`_load_lora_into_text_encoder`), while on transformers 4 keys without it match no module and the load
+    fails ("Cannot copy out of meta tensor"). kohya's names carry the level too.
+    """
+    if component == "unet":
+        return state
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
 def export_diffusers_lora(src: str | Path, dest: str | Path, lineage: dict, dtype=torch.float16) -> Path:
     """Copy the LoRA to `dest` in `dtype`, keeping diffusers' adapter metadata and adding ours."""
     tensors, metadata = read_lora(src)
     check_finite(tensors, src)
+    tensors = {f"{component}.{k}": t for component, state in split_components(tensors).items()
+               for k, t in portable_state(component, state).items()}  # runs trained before the names changed
     metadata = {**metadata, "format": "pt", "lorapipe": json.dumps(lineage, sort_keys=True, default=str)}
     return write(Path(dest), {k: t.to(dtype).contiguous() for k, t in tensors.items()}, metadata)
 
@@ -72,13 +88,17 @@ def caption_phrase_frequency(captions: list[str]) -> dict[str, int]:
 
 def kohya_metadata(config: TrainConfig, result: dict, name: str, captions: list[str], resolution: int,
                    lineage: dict) -> dict[str, str]:
-    micro = result.get("preflight", {}).get("micro_batch_size", config.micro_batch_size)
+    """kohya's `ss_*` keys and the SAI model spec, from what the run did (`result`: its TrainResult as a dict),
+    not from what was asked: precision, prediction type and base model version are the trainer's facts."""
+    micro = result.get("micro_batch_size") or result.get("preflight", {}).get("micro_batch_size",
+                                                                              config.micro_batch_size)
+    model = result.get("model") or {}
     ss = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.rank,
         "ss_network_alpha": config.alpha,
         "ss_network_train_unet_only": not config.train_text_encoders,
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": model.get("base_model_version", SDXL_BASE_MODEL_VERSION),
         "ss_sd_model_name": config.base_model,
         "ss_vae_name": config.vae or "",
         "ss_resolution": f"({resolution}, {resolution})",
@@ -96,10 +116,11 @@ def kohya_metadata(config: TrainConfig, result: dict, name: str, captions: list[
         "ss_batch_size_per_device": micro,
         "ss_total_batch_size": config.effective_batch_size,
         "ss_gradient_accumulation_steps": max(1, config.effective_batch_size // micro) if micro != "auto" else "",
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": model.get("mixed_precision", ""),  # unknown for runs before it was recorded
         "ss_gradient_checkpointing": config.gradient_checkpointing,
         "ss_min_snr_gamma": config.min_snr_gamma if config.min_snr_gamma else "",
         "ss_noise_offset": config.noise_offset,
+        "ss_zero_terminal_snr": model.get("zero_terminal_snr", False),
         "ss_seed": config.seed,
         "ss_num_repeats": config.repeats,
         "ss_output_name": name,
@@ -120,8 +141,9 @@ def kohya_metadata(config: TrainConfig, result: dict, name: str, captions: list[
         "modelspec.trigger_phrase": name,
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "epsilon",
     }
+    if model.get("prediction_type"):
+        spec["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPE[model["prediction_type"]]
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in {**ss, **spec}.items()}
     meta["lorapipe"] = json.dumps(lineage, sort_keys=True, default=str)
     return meta

@@ -1,10 +1,14 @@
 """The training run: SDXL UNet + rank-8 LoRA (peft) + Lion + gradient accumulation over aspect buckets.
 
-1. Data: merge tiny buckets, hold a few images out, lay out every micro-batch of the run (seeded).
-2. Encode every image once with the VAE and, unless the text encoders train, every caption once
+0. The run: its identity (the settings that change the weights, and the data) must be its folder's
+   (trainer/identity.py); a finished run is not trained again.
+1. Data: merge tiny buckets (refitted around the face), hold a few images out, lay out every
+   micro-batch of the run (seeded).
+2. Models on the CPU, refusals (trainer/checks.py), LoRA on the UNet's transformer blocks (kohya's
+   target set and initialisation), optionally on both text encoders; the preflight; then the GPU.
+3. Encode every image once with the VAE and, unless the text encoders train, every caption once
    (both cached on disk, keyed on content).
-3. LoRA on the UNet's transformer blocks (kohya's target set), optionally on both text encoders.
-4. Resume from the newest complete checkpoint of this job, if there is one.
+4. Resume from the newest complete checkpoint of this run, if there is one.
 5. Each optimizer step: its micro-batches (one bucket each, noise seeded by position), backward,
    one Lion step. Checkpoints, held-out loss and samples at epoch ends and every N steps.
 6. Save the LoRA in diffusers format, with adapter metadata so alpha != rank reloads exactly.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import time
@@ -26,8 +31,10 @@ from pathlib import Path
 import torch
 
 from lorapipe.config import TrainConfig
-from lorapipe.fsutil import atomic_dir, atomic_path, atomic_write_json, stable_hash
+from lorapipe.errors import UserError
+from lorapipe.fsutil import atomic_write_json
 from trainer import checkpoint as ckpt
+from trainer.checks import check_noise_scheduler, model_facts
 from trainer.data import (
     Example,
     TensorCache,
@@ -39,6 +46,8 @@ from trainer.data import (
     micro_batch_schedule,
     split_holdout,
 )
+from trainer.devices import make_accelerator, place, probe_micro_batch
+from trainer.identity import RESULT_FILE, claim_run, run_identity, run_key, update_run
 from trainer.models import (
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
@@ -48,14 +57,23 @@ from trainer.models import (
     lora_state,
     model_identity,
 )
+from trainer.lora_layers import attach as attach_fast_lora
 from trainer.optim import make_optimizer, resolve_optimizer
-from trainer.preflight import estimate_memory_gib, preflight
-from trainer.sampling import training_samples
+from trainer.outputs import (
+    LORA_WEIGHTS,
+    epoch_of_step,
+    held_out_loss,
+    save_lora,
+    save_samples,
+    write_progress,
+)
+from trainer.preflight import estimate_memory_gib, preflight, report_probed
 from trainer.step import Conditioning, micro_batch_generator, per_image_loss, sample_training_inputs, time_ids_for
 
 log = logging.getLogger("lorapipe.train")
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+__all__ = ["LORA_WEIGHTS", "TrainResult", "train_lora"]
+
 MAX_BAD_STEPS = 3
 
 
@@ -74,93 +92,91 @@ class TrainResult:
     preflight: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # latents / text embeddings computed vs re-used
     optimizer: str = ""
+    micro_batch_size: int = 0  # as trained ("auto" resolved once per run, kept on resume)
+    model: dict = field(default_factory=dict)  # prediction type, precision, base model version (checks.py)
+    image_ids: list[str] = field(default_factory=list)  # trained on
+    held_out_image_ids: list[str] = field(default_factory=list)
+    run_key: str = ""
 
 
-def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
-    from lorapipe.devices import resolve_device
-
-    device = resolve_device(config.device)
-    bf16 = device == "cuda" and config.mixed_precision == "bf16"
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu"), bf16
-
-
-def place(module: torch.nn.Module, device, dtype) -> None:
-    """Move to the device; frozen weights in the compute dtype, trainable (LoRA) weights stay fp32."""
-    module.to(device)
-    for p in module.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-
-
-def probe_micro_batch(unet, bucket, cond_dims, device, dtype, candidates=(16, 8, 4, 2, 1)) -> int:
-    """The largest micro-batch whose forward+backward fits in GPU memory with 10% to spare."""
-    if device.type != "cuda":
-        return 4
-    total = torch.cuda.get_device_properties(device).total_memory
-    for size in candidates:
-        try:
-            torch.cuda.reset_peak_memory_stats(device)
-            latents = torch.randn(size, 4, bucket[1] // 8, bucket[0] // 8, device=device, dtype=dtype)
-            out = unet(latents, torch.full((size,), 500, device=device),
-                       torch.randn(size, 77, cond_dims[0], device=device, dtype=dtype),
-                       added_cond_kwargs={"text_embeds": torch.randn(size, cond_dims[1], device=device, dtype=dtype),
-                                          "time_ids": torch.ones(size, 6, device=device)}).sample
-            out.float().mean().backward()
-            unet.zero_grad(set_to_none=True)
-            if torch.cuda.max_memory_allocated(device) < 0.9 * total:
-                return size
-        except torch.cuda.OutOfMemoryError:
-            pass
-        unet.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-    return 1
+def finished_result(run_dir: Path) -> TrainResult:
+    return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))
 
 
 def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path, cache_dir: str | Path,
-               name: str = "", job_key: str | None = None) -> TrainResult:
+               name: str = "") -> TrainResult:
     if not examples:
-        raise ValueError("no approved images to train on")
+        raise UserError("no approved images to train on")
     started = time.monotonic()
+    if config.train_text_encoders == "auto":  # the pipeline's probe stage decides; the trainer alone keeps them frozen
+        config = config.model_copy(update={"train_text_encoders": False})
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
-    job_key = job_key or stable_hash([e.to_json() for e in examples], config.model_dump(mode="json"), name)
     accelerator, bf16 = make_accelerator(config)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weight_dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(config.seed)
 
+    # 0. Which run this is: the folder's own, or refused (trainer/identity.py); a finished one is not redone.
+    identity = run_identity(examples, config)
+    key = run_key(identity)
+    record = claim_run(run_dir, identity, write=accelerator.is_main_process)
+    if (run_dir / RESULT_FILE).exists() and (run_dir / "lora" / LORA_WEIGHTS).exists():
+        log.info("%s: this run already finished (%s); nothing to train", run_dir, run_dir / "lora")
+        return finished_result(run_dir)
+
     # 1. Data.
     examples = merge_small_buckets(examples, config.min_bucket_images)
+    if not examples:
+        raise UserError("no images left to train on after merging small buckets (see the warnings above)")
     examples, holdout = split_holdout(examples, config.holdout_images, config.holdout_min_images, config.seed)
 
-    # 2. Models and LoRA adapters, on the CPU: the plan is printed before any GPU work.
+    # 2. Models and LoRA adapters, on the CPU: refusals and the plan come before any GPU work.
     parts = load_sdxl(config.base_model, config.revision, config.vae, config.base_model_config)
-    identity = model_identity(config.base_model, config.revision, config.vae)
+    check_noise_scheduler(parts.noise_scheduler, config.base_model, config.min_snr_gamma)
+    facts = model_facts(parts.noise_scheduler, parts.unet, [parts.text_encoder, parts.text_encoder_2], bf16)
+    identity_of_model = model_identity(config.base_model, config.revision, config.vae)
     unet = parts.unet
-    param_groups = [{"params": add_lora(unet, config.rank, config.alpha, UNET_TARGETS[config.targets]),
-                     "lr": config.learning_rate}]
+    param_groups = [{"params": add_lora(unet, config.rank, config.alpha, UNET_TARGETS[config.targets],
+                                        config.lora_init), "lr": config.learning_rate}]
     encoders = [parts.text_encoder, parts.text_encoder_2]
     tokenizers = [parts.tokenizer, parts.tokenizer_2]
     if config.train_text_encoders:
         for encoder, lr in zip(encoders, (config.text_encoder_lr, config.text_encoder_2_lr)):
-            param_groups.append({"params": add_lora(encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS),
-                                 "lr": lr})
+            param_groups.append({"params": add_lora(encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS,
+                                                    config.lora_init), "lr": lr})
             encoder.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
+    # "auto" is probed once per run and kept: a resumed run must see the same micro-batches.
+    micro_batch_size = config.micro_batch_size if config.micro_batch_size != "auto" else record.get(
+        "micro_batch_size", "auto")
+    lora_params = sum(p.numel() for g in param_groups for p in g["params"])
+    unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
+
+    def plan(size: int):
+        size = min(size, config.effective_batch_size)
+        schedule = micro_batch_schedule(examples, size, config.epochs, config.repeats, config.seed)
+        memory = estimate_memory_gib(unet_params, lora_params, largest, size, bf16, config.gradient_checkpointing)
+        return size, schedule, group_into_steps(schedule, config.effective_batch_size, min_micro_batches=world), memory
+
+    planned = plan(1 if micro_batch_size == "auto" else micro_batch_size)
+    info = preflight(examples, holdout, planned[1], planned[2], config, micro_batch_size, planned[3])
+
     for module in (unet, *encoders):
         place(module, device, weight_dtype)
-    largest = max({e.bucket for e in examples}, key=lambda b: b[0] * b[1])
-    micro_batch_size = config.micro_batch_size
+        attach_fast_lora(module)  # peft's LoRA Linears, run with far fewer operations (same weights)
     if micro_batch_size == "auto":
-        micro_batch_size = probe_micro_batch(unet, largest, (unet.config.cross_attention_dim,
-                                             unet.config.projection_class_embeddings_input_dim - 6 *
-                                             unet.config.addition_time_embed_dim), device, weight_dtype)
-    micro_batch_size = min(micro_batch_size, config.effective_batch_size)
-    schedule = micro_batch_schedule(examples, micro_batch_size, config.epochs, config.repeats, config.seed)
-    steps = group_into_steps(schedule, config.effective_batch_size, min_micro_batches=world)
+        probed = probe_micro_batch(unet, largest, (unet.config.cross_attention_dim,
+                                   unet.config.projection_class_embeddings_input_dim - 6 *
+                                   unet.config.addition_time_embed_dim), device, weight_dtype)
+        probed = int(accelerator.gather(torch.tensor([probed], device=device)).min())  # every GPU must fit it
+        planned = plan(probed)
+        info = report_probed(info, planned[1], planned[2], config, planned[0], planned[3])
+    micro_batch_size, schedule, steps, _ = planned
+    if accelerator.is_main_process and record.get("micro_batch_size") != micro_batch_size:
+        record = update_run(run_dir, record, micro_batch_size=micro_batch_size)
     per_epoch = len(schedule) // config.epochs  # every epoch has the same micro-batches, reshuffled
     # A step may straddle an epoch boundary (accumulation carries over): it ends the epoch it finishes.
     ends_epoch = {}
@@ -168,20 +184,17 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
         finished = [i // per_epoch for i in indices if (i + 1) % per_epoch == 0]
         if finished:
             ends_epoch[n] = finished[-1]
-    lora_params = sum(p.numel() for g in param_groups for p in g["params"])
-    memory = estimate_memory_gib(sum(p.numel() for p in unet.parameters()) - lora_params, lora_params, largest,
-                                 micro_batch_size, bf16, config.gradient_checkpointing)
-    info = preflight(examples, holdout, schedule, steps, config, micro_batch_size, memory)
 
     # 3. Caches: the VAE runs in fp32 on the CPU and bf16 on the GPU (fp16 overflows in SDXL's VAE).
     place(parts.vae, device, weight_dtype)
     latent_cache = TensorCache(cache_dir / "latents")
-    latents = cache_latents(examples + holdout, parts.vae, latent_cache, identity, device, weight_dtype)
+    latents = cache_latents(examples + holdout, parts.vae, latent_cache, identity_of_model, device, weight_dtype)
     scaling_factor = parts.vae.config.scaling_factor
     text_cache = TensorCache(cache_dir / "text")
     embeddings = {}
     if not config.train_text_encoders:
-        embeddings = cache_text_embeddings(examples + holdout, tokenizers, encoders, text_cache, identity, device)
+        embeddings = cache_text_embeddings(examples + holdout, tokenizers, encoders, text_cache, identity_of_model,
+                                           device)
     sampling = bool(config.sample_prompts) and accelerator.is_main_process
     if not sampling and not config.train_text_encoders:
         parts.text_encoder = parts.text_encoder_2 = encoders = None
@@ -206,11 +219,11 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
 
     # 4. Resume.
     losses, held_out_losses, samples, start = [], [], [], 0
-    resume = ckpt.latest_checkpoint(run_dir / "checkpoints", job_key)
+    resume = ckpt.latest_checkpoint(run_dir / "checkpoints", key)
     if resume:
         state = ckpt.read_checkpoint(resume)
-        for key, module in trained_modules.items():
-            load_lora_state(accelerator.unwrap_model(module), state["lora"][key])
+        for component, module in trained_modules.items():
+            load_lora_state(accelerator.unwrap_model(module), state["lora"][component])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_states(state["rng"])
@@ -291,7 +304,7 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
         periodic = config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0
         if (epoch is not None or periodic) and not done and accelerator.is_main_process:
             ckpt.write_checkpoint(
-                run_dir / "checkpoints", step + 1, job_key,
+                run_dir / "checkpoints", step + 1, key,
                 {k: lora_state(accelerator.unwrap_model(m)) for k, m in trained_modules.items()},
                 optimizer, lr_scheduler, {"losses": losses, "held_out_losses": held_out_losses, "samples": samples},
                 config.keep_checkpoints)
@@ -300,7 +313,10 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
             raise TimeoutError(f"training stopped after {config.timeout_minutes} minutes at step {step + 1}; "
                                "rerun to resume from the last checkpoint")
 
-    # 6. Save.
+    # 6. Save: never a LoRA no optimizer step changed (it would equal the base model, and replace a good one).
+    if not losses:
+        raise RuntimeError(f"training took no optimizer step ({len(steps)} planned, {skipped} skipped for "
+                           "non-finite losses): no LoRA written")
     lora_dir = run_dir / "lora"
     result = TrainResult(
         lora_dir=str(lora_dir), steps=len(losses), images=len(examples), losses=losses,
@@ -308,67 +324,12 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
         skipped_steps=skipped, resumed_from_step=start, held_out_losses=held_out_losses, samples=samples,
         preflight=info, optimizer=resolve_optimizer(config.optimizer),
         cache={"latents": latent_cache.stats(), "text_embeddings": text_cache.stats()},
+        micro_batch_size=micro_batch_size, model=facts, image_ids=[e.image_id for e in examples],
+        held_out_image_ids=[e.image_id for e in holdout], run_key=key,
     )
     if accelerator.is_main_process:
         save_lora(lora_dir, {k: accelerator.unwrap_model(m) for k, m in trained_modules.items()})
-        atomic_write_json(run_dir / "train_result.json", asdict(result))
+        atomic_write_json(run_dir / RESULT_FILE, asdict(result))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
-
-
-def epoch_of_step(indices: list[int], per_epoch: int) -> int:
-    return indices[-1] // per_epoch + 1
-
-
-def write_progress(run_dir: Path, done_here: int, step: int, total: int, epoch: int, epochs: int, loss: float,
-                   started: float) -> None:
-    """run_dir/progress.json after every optimizer step, for whoever watches (the CLI, Prefect artifacts)."""
-    elapsed = time.monotonic() - started
-    eta = elapsed / done_here * (total - step) if done_here else None
-    atomic_write_json(run_dir / "progress.json", {
-        "step": step, "total_steps": total, "epoch": epoch, "epochs": epochs, "loss": loss,
-        "elapsed_seconds": round(elapsed, 1), "eta_seconds": None if eta is None else round(eta, 1),
-    })
-
-
-@torch.no_grad()
-def held_out_loss(holdout: list[Example], micro_batch_loss, seed: int) -> float:
-    """Loss on images never trained on, with the same noise every time so epochs compare."""
-    total = 0.0
-    for n, ex in enumerate(holdout):  # one at a time: held-out images may sit in different buckets
-        total += micro_batch_loss([ex], micro_batch_generator(seed, -1 - n)).sum().item()
-    return total / len(holdout)
-
-
-def save_samples(run_dir, label, parts, unet, encoders, config, name, size, device, bf16) -> Path:
-    movable = [parts.vae, *encoders]
-    if not config.train_text_encoders:
-        for module in movable:
-            module.to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        sheet = training_samples(parts, unet, encoders, config.sample_prompts, name or "a person", config.seed,
-                                 config.sample_steps, size)
-    if not config.train_text_encoders and device.type == "cuda":
-        for module in movable:
-            module.to("cpu")
-    dest = run_dir / "samples" / f"{label}.png"
-    with atomic_path(dest, suffix=".png") as tmp:
-        sheet.save(tmp)
-    return dest
-
-
-def save_lora(lora_dir: Path, modules: dict[str, torch.nn.Module]) -> Path:
-    from diffusers import StableDiffusionXLPipeline
-
-    states = {name: lora_state(module) for name, module in modules.items()}
-    bad = [k for state in states.values() for k, t in state.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise FloatingPointError(f"LoRA weights are not finite: {bad[:5]}")
-    kwargs = {}
-    for name, module in modules.items():
-        kwargs[f"{name}_lora_layers"] = states[name]
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-    with atomic_dir(lora_dir) as tmp:
-        StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=LORA_WEIGHTS, **kwargs)
-    return lora_dir / LORA_WEIGHTS

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from lorapipe.config import SDXL_BASE
+from lorapipe.errors import UserError
+
 # kohya's default LoRA targets for SDXL: every Linear in the UNet's transformer blocks.
 UNET_TARGETS = {
     "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
@@ -45,35 +48,58 @@ def load_sdxl(base_model: str, revision: str | None = None, vae: str | None = No
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from lorapipe.modelfiles import check_model_source
+
+    for source in (base_model, single_file_config, vae):
+        check_model_source(source)  # no pickle, by name, whatever torch's default would do
     if is_single_file(base_model):
-        if Path(base_model).suffix != ".safetensors":
-            raise ValueError(f"{base_model}: only .safetensors checkpoints are loaded (pickle files can run code)")
         pipe = StableDiffusionXLPipeline.from_single_file(base_model, config=single_file_config)
         parts = SDXLParts(
             pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
             DDPMScheduler.from_config(pipe.scheduler.config), dict(pipe.scheduler.config),
         )
     else:
+        weights = {"revision": revision, "use_safetensors": True}  # a stray .bin beside them is never read
         kw = {"revision": revision}
         from diffusers import EulerDiscreteScheduler
 
         parts = SDXLParts(
             tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
-            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **kw),
-            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2",
+                                                                       **weights),
+            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **weights),
             # Training adds noise with the DDPM formulation whatever sampler the model ships with.
             noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **kw),
             scheduler_config=dict(EulerDiscreteScheduler.load_config(base_model, subfolder="scheduler", **kw)),
         )
     if vae:
-        parts.vae = AutoencoderKL.from_single_file(vae) if is_single_file(vae) else AutoencoderKL.from_pretrained(vae)
+        parts.vae = load_vae(vae, base_model, revision, single_file_config)
     for module in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
         module.requires_grad_(False)
         module.eval()
     return parts
+
+
+def load_vae(vae: str, base_model: str, revision: str | None = None, single_file_config: str | None = None,
+             dtype: torch.dtype | None = None):
+    """A VAE override as users name it: a hub id or diffusers folder, or one .safetensors file.
+
+    A single file carries weights only: its config comes from the base model's VAE (same architecture),
+    so it loads offline whenever the base model does.
+    """
+    from diffusers import AutoencoderKL
+
+    from lorapipe.modelfiles import check_model_source
+
+    check_model_source(vae)  # no pickle, by name
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if not is_single_file(vae):
+        return AutoencoderKL.from_pretrained(vae, use_safetensors=True, **kwargs)
+    config = base_model if not is_single_file(base_model) else (single_file_config or SDXL_BASE)
+    return AutoencoderKL.from_single_file(vae, config=config, subfolder="vae", revision=revision, **kwargs)
 
 
 def _fingerprint(path: str | None) -> list | None:
@@ -94,12 +120,30 @@ def model_identity(base_model: str, revision: str | None, vae: str | None) -> di
     }
 
 
-def add_lora(module: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
-    """Add a peft LoRA adapter ("default"); returns its parameters, in fp32 (the frozen weights may be bf16)."""
+# LoRA initialisations (lorapipe's `lora_init` -> peft's `init_lora_weights`). Both start exactly at the base
+# model (B = 0). kohya's LoRAModule draws A with `kaiming_uniform_(a=sqrt(5))`: uniform on
+# [-1/sqrt(in_features), 1/sqrt(in_features)], std 1/sqrt(3 in_features) (0.008-0.023 over SDXL's 640-5120
+# features); that is exactly peft's default (`True`). peft's "gaussian" draws A ~ N(0, 1/rank): std 0.125 at
+# rank 8, 5-15x larger. Under Lion every element moves by the learning rate per step, so the LoRA product
+# moves in proportion to |A|: a learning rate tuned under kohya only transfers with kohya's init.
+LORA_INITS = {"kohya": True, "gaussian": "gaussian"}
+
+
+def add_lora(module: torch.nn.Module, rank: int, alpha: float, targets: list[str],
+             init: str = "kohya") -> list[torch.nn.Parameter]:
+    """Add a peft LoRA adapter ("default"); returns its parameters, in fp32 (the frozen weights may be bf16).
+
+    Raises UserError when `rank` exceeds a targeted layer's features (the extra rank is dead weight).
+    """
     from peft import LoraConfig
 
-    # kohya's initialisation: A Gaussian, B zero, so training starts exactly at the base model.
-    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=LORA_INITS[init],
+                                  target_modules=targets))
+    for name, layer in module.named_modules():
+        if "default" in getattr(layer, "lora_A", {}) and rank > min(layer.in_features, layer.out_features):
+            raise UserError(f"train.rank {rank} is above the features of {name} ({layer.in_features} in, "
+                            f"{layer.out_features} out): use a rank of at most "
+                            f"{min(layer.in_features, layer.out_features)}")
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -28,6 +28,8 @@ def estimate_memory_gib(unet_params: int, lora_params: int, largest_bucket: tupl
 
 
 def preflight(examples, holdout, schedule, steps, config, micro_batch_size, memory_gib) -> dict:
+    """Logged before the models move to the GPU. With `micro_batch_size: auto` not yet probed, the counts
+    and the memory estimate are those of micro-batch 1 until `report_probed` gives the probed size's."""
     buckets = Counter(f"{ex.bucket[0]}x{ex.bucket[1]}" for ex in examples)
     info = {
         "images": len(examples),
@@ -40,6 +42,8 @@ def preflight(examples, holdout, schedule, steps, config, micro_batch_size, memo
         "epochs": config.epochs,
         "estimated_gpu_memory_gib": round(memory_gib, 1),
     }
+    if micro_batch_size == "auto":
+        info["note"] = "micro-batch size probed on the GPU next; counts and memory here are for micro-batch 1"
     log.info("preflight: %s", json.dumps(info))
     if len(steps) < FEW_STEPS:
         log.warning(
@@ -48,4 +52,14 @@ def preflight(examples, holdout, schedule, steps, config, micro_batch_size, memo
             len(steps), len(examples), config.epochs, config.repeats, config.effective_batch_size,
             max(1, len(examples) * config.epochs * config.repeats // FEW_STEPS),
         )
+    return info
+
+
+def report_probed(info: dict, schedule, steps, config, micro_batch_size: int, memory_gib: float) -> dict:
+    """The preflight's numbers again, for the micro-batch size `auto` probed (kept for the whole run)."""
+    info = {**info, "micro_batch_size": micro_batch_size, "micro_batches_per_epoch": len(schedule) // config.epochs,
+            "optimizer_steps": len(steps), "estimated_gpu_memory_gib": round(memory_gib, 1)}
+    info.pop("note", None)
+    log.info("micro_batch_size auto: %d fits; %d micro-batches per epoch, %d optimizer steps", micro_batch_size,
+             info["micro_batches_per_epoch"], info["optimizer_steps"])
     return info

@@ -42,8 +42,28 @@ def sample_training_inputs(mean, std, scaling_factor, num_train_timesteps, noise
 
 
 def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) per timestep (diffusers' `compute_snr`)."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def min_snr_weight(snr_t: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023), as kohya's `apply_snr_weight` and diffusers'
+    train_text_to_image.py compute it: min(SNR, gamma) / SNR for an epsilon target, min(SNR, gamma) /
+    (SNR + 1) for a v target. Caps the weight of easy (high-SNR) timesteps at gamma / SNR.
+    """
+    clamped = torch.clamp(snr_t, max=gamma)
+    return clamped / (snr_t + 1 if v_prediction else snr_t)
+
+
+def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")  # refused before training (checks.py)
 
 
 def per_image_loss(unet, noise_scheduler, latents, noise, timesteps, cond: Conditioning, dtype,
@@ -58,12 +78,9 @@ def per_image_loss(unet, noise_scheduler, latents, noise, timesteps, cond: Condi
         cond.prompt_embeds.to(device, dtype),
         added_cond_kwargs={"text_embeds": cond.pooled.to(device, dtype), "time_ids": cond.time_ids.to(device)},
     ).sample
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    target = training_target(noise_scheduler, latents, noise, timesteps)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        # Hang et al. 2023: cap the weight of easy (high-SNR) timesteps.
-        s = snr(noise_scheduler, timesteps)
-        weight = torch.clamp(s, max=min_snr_gamma) / (s + 1 if v_prediction else s)
-        loss = loss * weight
+        v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+        loss = loss * min_snr_weight(snr(noise_scheduler, timesteps), min_snr_gamma, v_prediction)
     return loss
