@@ -123,16 +123,34 @@ def test_an_edit_of_an_edit_is_kept_through_every_terminal_door(ws):
     assert [(e.who, e.after) for e in edited.caption_edits] == list(zip("abcde", texts))
 
 
+def training_captions(lora: str | Path) -> dict:
+    with safe_open(str(lora), "pt") as f:  # what kohya's tools show as the training captions
+        return json.loads(f.metadata()["ss_tag_frequency"])["images"]
+
+
 def test_training_uses_the_caption_files_as_edited(ws):
+    from lorapipe.config import PipelineConfig
+    from lorapipe.retrain import training_fingerprint
+    from lorapipe.workspace import Workspace
+
     lorapipe("review", ws, "--approve-all")
     edited = caption_file(ws, records_by_file(ws)["portrait_04.jpg"])
     edited.write_text("Jane Doe under an orange umbrella")  # then straight to training, no `lorapipe review`
     trained = lorapipe("train", ws)
-    with safe_open(trained["exported"], "pt") as f:  # what kohya's tools show as the training captions
-        phrases = json.loads(f.metadata()["ss_tag_frequency"])["images"]
-    assert "jane doe under an orange umbrella" in phrases
+    assert "jane doe under an orange umbrella" in training_captions(trained["exported"])
     assert records_by_file(ws)["portrait_04.jpg"].caption == "Jane Doe under an orange umbrella"
     assert lorapipe("train", ws)["cached"]  # nothing changed since: cached
+
+    # `lorapipe run` (and the nightly, whose "anything new?" fingerprint counts the file) see an edit too.
+    config = PipelineConfig.model_validate(json.loads((ws / "config.json").read_text()))
+    fingerprint = lambda: training_fingerprint(Workspace.at(ws), ws / "manifests" / "collect.jsonl", config)  # noqa
+    before = fingerprint()
+    caption_file(ws, records_by_file(ws)["portrait_06.jpg"]).write_bytes(b"\xef\xbb\xbfJane Doe on a red bike\r\n")
+    assert fingerprint() != before
+    lorapipe("run", "--config", ws / "config.json")
+    lora = ws / "loras" / "jane-doe.safetensors"
+    assert "jane doe on a red bike" in training_captions(lora)
+    assert "jane doe under an orange umbrella" in training_captions(lora)
 
 
 def test_text_from_windows_tools_is_read_or_refused_in_one_line(ws):
