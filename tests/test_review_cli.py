@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -192,3 +193,23 @@ def test_text_from_windows_tools_is_read_or_refused_in_one_line(ws):
     assert f"not applied: caption_file: images/{bad.name}: not UTF-8 text" in told["stderr"]
     assert bad.read_bytes() == "Jane Doe, crème brûlée".encode("cp1252")
     assert listed["waiting"] == 10
+
+
+def test_review_waits_while_a_run_holds_the_review_stage(ws, caplog):
+    """`lorapipe review` writes what the review stage writes: it takes that stage's workspace lock, so a run's
+    review stage and the command never write the manifest, caption files and decision logs at once."""
+    import threading
+
+    from lorapipe.workspace import Workspace
+
+    out: dict = {}
+    command = threading.Thread(target=lambda: out.update(lorapipe("review", ws, "--approve-all")))
+    with caplog.at_level("WARNING", logger="lorapipe"), Workspace.at(ws).lock("review"):  # a run's review stage
+        command.start()
+        deadline = time.monotonic() + 120
+        while "waiting for the review stage of" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "waiting for the review stage of" in caplog.text
+        assert command.is_alive() and not (ws / "manifests" / "review.jsonl").exists()
+    command.join(timeout=120)
+    assert out["waiting"] == 0 and out["decisions_recorded"] == 10
