@@ -321,7 +321,7 @@ def compare_ranks(
     from lorapipe.config import RankComparisonConfig
 
     ws, cfg = _workspace_config(workspace, config)
-    manifest = _input_manifest(ws, "train", cfg)
+    _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
     try:
         comparison = RankComparisonConfig.model_validate(_overrides(
             ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
@@ -331,7 +331,7 @@ def compare_ranks(
     for path in comparison.loras:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such LoRA file (--lora)")
-    report = rank_comparison(cfg, comparison, manifest)
+    report = rank_comparison(cfg, comparison)  # reviews again first: caption files edited since count
     typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)
     _print({k: report[k] for k in ("verdict", "smallest_good_rank", "markdown", "grid", "json")})
 

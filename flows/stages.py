@@ -103,8 +103,8 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
 
 def reviewed_manifest(config: PipelineConfig, ws: Workspace) -> str:
     """The review stage run again on the latest captions, for a training started on its own (`lorapipe train`,
-    the train deployment): captions a person edited in images/*.txt since the last review are read, so a LoRA is
-    never trained on text that differs from those files. Cached when nothing changed."""
+    the train deployment, `lorapipe compare-ranks`): captions a person edited in images/*.txt since the last review
+    are read, so a LoRA is never trained on text that differs from those files. Cached when nothing changed."""
     captioned = ws.latest_manifest("caption")
     if not captioned.exists():
         return input_for("train", ws, config)[0]
