@@ -28,6 +28,7 @@ from browser import browser_page
 from flows.demo import demo_config, write_job_file
 from lorapipe.demo_data import extra_photo
 from lorapipe.manifest import read_manifest
+from lorapipe.policy import local_models
 from served import (api, artifacts_of, embedded_images, newest_logs_first, open_resume_form, run_logs, table,
                     task_runs_under, trigger, type_json, wait_final, wait_for_deployment, wait_until, waiting_run)
 
@@ -73,9 +74,12 @@ def served(prefect_server, tiny_models, demo_photos_master, tmp_path_factory):
             "lorapipe-review", overwrite=True)
     lorapipe = Path(sys.executable).with_name("lorapipe")
     log = open(root / "serve.log", "w")
+    # The operator lets runs use any folder under the test's (the review tests' own workspaces) and the models.
+    allowed = [root, *(path for _, path in local_models(config))]
     process = subprocess.Popen(
         [str(lorapipe), "serve", "--config", str(job), "--timezone", TIMEZONE, "--notify",
-         "custom-webhook/lorapipe-review"], env=prefect_server.env, stdout=log, stderr=subprocess.STDOUT)
+         "custom-webhook/lorapipe-review", *(f"--allow-path={p}" for p in allowed)], env=prefect_server.env,
+        stdout=log, stderr=subprocess.STDOUT)
     try:
         with api(prefect_server) as client:
             deployments = {f: wait_for_deployment(client, f"{f}/lorapipe", process) for f in FLOWS}
