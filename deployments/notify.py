@@ -34,14 +34,18 @@ def review_automation(block_document_id):
 
 def ensure_review_notification(block: str) -> str:
     """Create or update the automation for the notification block `TYPE/NAME` (e.g. slack-webhook/team)."""
-    import prefect.blocks.notifications  # noqa: F401  (registers the notification block types)
-    from prefect.blocks.core import Block
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     if "/" not in block:
         raise ValueError(f"{block!r}: name the notification block as TYPE/NAME, e.g. slack-webhook/team")
-    automation = review_automation(Block.load(block)._block_document_id)
+    block_type, name = block.split("/", 1)
     with get_client(sync_client=True) as client:
+        try:  # the block's id through the public API (not a Block's private _block_document_id)
+            document = client.read_block_document_by_name(name, block_type, include_secrets=False)
+        except ObjectNotFound:
+            raise ValueError(f"{block!r}: no such notification block (create it in the UI: Blocks → +)") from None
+        automation = review_automation(document.id)
         existing = client.read_automations_by_name(AUTOMATION_NAME)
         if existing:
             client.update_automation(existing[0].id, automation)

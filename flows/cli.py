@@ -212,39 +212,59 @@ def review(
     workspace: Path,
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Decisions: edited captions, action approve/drop"),
     approve_all: bool = typer.Option(False, "--approve-all", help="Approve every waiting caption as written"),
+    approve: list[str] = typer.Option([], "--approve", help="File name or image id to approve as written (repeatable)"),
+    edit: list[str] = typer.Option([], "--edit", help="FILE=CAPTION: a new caption for one image (repeatable)"),
     drop: list[str] = typer.Option([], "--drop", help="File name or image id to leave out (repeatable)"),
     reviewer: str = typer.Option(getpass.getuser(), help="Recorded with each decision"),
     resume: bool = typer.Option(False, "--resume", help="Resume a paused run even if captions still wait"),
     config: Optional[Path] = typer.Option(None, "--config"),
 ) -> None:
-    """Review captions from a terminal: rules, edits in the .txt sidecars or a CSV, then resume a paused run.
+    """Review captions from a terminal: edits in WORKSPACE/images/*.txt, a CSV or flags; then resume a waiting run.
 
-    Without decisions it lists the captions waiting and writes WORKSPACE/review.csv to edit.
+    Caption files you changed are read first (never overwritten). Without decisions it lists the captions
+    waiting and writes WORKSPACE/review.csv to edit. Parts of an answer that cannot be used are listed (exit 2);
+    the rest is recorded.
     """
     from rich.console import Console
     from rich.table import Table
 
     from flows.review import PAUSE_FILE, resume_paused_run
     from lorapipe.manifest import read_manifest
-    from tasks.review import (decision_from_csv, decision_from_sidecars, display_name, record_decisions,
-                              run_review, waiting_for_review, write_review_csv)
+    from lorapipe.review_decisions import DecisionStore, ReviewDecision
+    from tasks.review import edit_check, run_review
+    from tasks.review_answers import (decision_from_csv, display_name, record_answer, waiting_for_review,
+                                      write_review_csv)
 
     ws, cfg = _workspace_config(workspace, config)
     args = (_input_manifest(ws, "review", cfg), str(ws.root), cfg.review, cfg.name, cfg.train.tokenizer_source)
-    result = run_review(*args)
-    records = read_manifest(result["manifest"])
-    decision = decision_from_sidecars(records, ws, reviewer)
-    if csv_file:
-        from_csv = decision_from_csv(records, csv_file, reviewer)
-        decision.edits.update(from_csv.edits)
-        decision.drop += from_csv.drop
-        decision.approve += from_csv.approve
-    decision = decision.model_copy(update={"approve_all": approve_all, "drop": decision.drop + list(drop)})
-    recorded = record_decisions(records, ws, decision) if not decision.is_empty() else 0
-    if recorded:
-        result = run_review(*args)
+    with ws.lock("review"):  # one writer of the review stage's files: a run on this workspace waits meanwhile
+        ws.remove_stale_temps("review")
+        result = run_review(*args, reviewer=reviewer)  # reads the caption files you edited, before anything else
+        from_files = len(result["caption_files_read"])
         records = read_manifest(result["manifest"])
-    waiting = waiting_for_review(records)
+        edits = dict(e.split("=", 1) for e in edit if "=" in e)
+        problems = [f"--edit {e!r}: expected FILE=CAPTION" for e in edit if "=" not in e]
+        answer = ReviewDecision(approve_all=approve_all, approve=list(approve), drop=list(drop), edits=edits,
+                                reviewer=reviewer)
+        if csv_file:
+            from_csv, csv_problems = decision_from_csv(records, csv_file, reviewer)
+            problems += csv_problems
+            answer.edits = {**from_csv.edits, **answer.edits}
+            answer.drop = from_csv.drop + answer.drop
+            answer.approve = from_csv.approve + answer.approve
+        recorded = 0
+        if not answer.is_empty():
+            from captioners import clip_token_counter
+
+            check = edit_check(cfg.name, cfg.review, clip_token_counter(cfg.train.tokenizer_source))
+            source = "csv" if csv_file else "cli"
+            outcome = record_answer(records, DecisionStore(ws.cache), answer, source, check=check)
+            recorded, problems = outcome.recorded, problems + outcome.problems
+            if recorded:
+                result = run_review(*args, reviewer=reviewer)
+                records = read_manifest(result["manifest"])
+        waiting = waiting_for_review(records)
+    problems += [why for r in waiting for why in r.review_reasons if why.startswith("caption_file:")]
 
     console = Console(stderr=True)  # stdout is the JSON summary
     if waiting:
@@ -254,15 +274,22 @@ def review(
         for r in waiting:
             table.add_row(display_name(r), r.id[:8], r.caption or "", "; ".join(r.review_reasons) or "approval: all")
         console.print(table)
-        sheet = write_review_csv(records, ws.root / "review.csv")
+        sheet = ws.root / "review.csv"
+        if not (problems and csv_file and csv_file.resolve() == sheet.resolve()):  # keep a sheet with rows to fix
+            write_review_csv(records, sheet)
         console.print(f"Edit captions or set action to approve/drop in {sheet}, then: lorapipe review {ws.root} "
-                      f"--csv {sheet}   (or --approve-all)")
+                      f"--csv {sheet}   (or --approve-all, or edit {ws.images}/<id>.txt)")
     resumed = None
     if (resume or not waiting) and (ws.root / PAUSE_FILE).exists():  # a server only when a run waits
         with prefect_api():
             resumed = resume_paused_run(ws, reviewer)
-    _print({"decisions_recorded": recorded, "waiting": len(waiting), "stats": result["stats"],
-            "manifest": result["manifest"], "resumed_flow_run": resumed})
+    _print({"decisions_recorded": recorded + from_files, "from_caption_files": from_files, "waiting": len(waiting),
+            "stats": result["stats"], "manifest": result["manifest"], "resumed_flow_run": resumed,
+            "not_applied": problems})
+    if problems:
+        for problem in problems:
+            typer.echo(f"lorapipe: not applied: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 for _name, _doc in {
@@ -294,7 +321,7 @@ def compare_ranks(
     from lorapipe.config import RankComparisonConfig
 
     ws, cfg = _workspace_config(workspace, config)
-    manifest = _input_manifest(ws, "train", cfg)
+    _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
     try:
         comparison = RankComparisonConfig.model_validate(_overrides(
             ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
@@ -304,7 +331,7 @@ def compare_ranks(
     for path in comparison.loras:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such LoRA file (--lora)")
-    report = rank_comparison(cfg, comparison, manifest)
+    report = rank_comparison(cfg, comparison)  # reviews again first: caption files edited since count
     typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)
     _print({k: report[k] for k in ("verdict", "smallest_good_rank", "markdown", "grid", "json")})
 

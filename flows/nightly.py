@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import MarkdownArtifact
 
 from flows.artifacts import publish
-from flows.pipeline import pipeline
+from flows.pipeline import build_lora
+from flows.review import ReviewTimedOut, failed_for
 from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
@@ -41,5 +42,8 @@ def nightly(config: PipelineConfig) -> dict:
                                   markdown=f"# Nightly retrain: {NOTHING_NEW}\n\n{message}.\n"))
         return {"status": NOTHING_NEW, "message": message, **last}
     logger.info("new or changed photos, decisions or settings since the last LoRA: running the pipeline")
-    result = pipeline(config)
+    try:
+        result = build_lora(config)  # in this run, not a subflow: it is the run that asks about captions
+    except ReviewTimedOut as err:
+        return failed_for(err)
     return {"status": "trained", **result}

@@ -1,6 +1,8 @@
 """The flows: `dataset` (collect → review), `train` (train → export → evaluate), `pipeline` (both).
 
-Flow parameters are the pydantic config models, so the Prefect UI shows them as a form.
+Flow parameters are the pydantic config models, so the Prefect UI shows them as a form. Captions that wait
+for a person are asked about by the run a person started (flows/review.py): the `dataset` run when it was
+started alone, else the `pipeline` (or nightly) run around it, between the dataset and the training.
 """
 
 from __future__ import annotations
@@ -9,15 +11,14 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_dataset, publish_training
 from flows.fanout import fan_out_captions
-from flows.review import ask_a_person
-from flows.stages import input_for, run_stage
+from flows.review import ReviewTimedOut, failed_for, settle_review
+from flows.stages import reviewed_manifest, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
 from lorapipe.policy import check_run
 from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
 from tasks.probe import decided, decision_summary
-from tasks.review import record_decisions_task
 
 
 def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
@@ -47,13 +48,12 @@ def dataset_flow(config: PipelineConfig) -> dict:
     captioned = result["manifest"]
     result = _record(stages, "review", *run_stage("review", config, ws, captioned))
     publish_dataset(config.name, result["manifest"])  # before any wait: the reviewer sees the caption table
-    if result["stats"]["pending"] and config.review.approval != "auto":
-        decision = ask_a_person(ws, result["manifest"], config.review)
-        if decision:
-            record_decisions_task(manifest=result["manifest"], workspace=str(ws.root), decision=decision)
-            result = _record(stages, "review", *run_stage("review", config, ws, captioned))
-            publish_dataset(config.name, result["manifest"])
-    return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "stages": stages}
+    try:
+        result = settle_review(config, ws, result, captioned)  # asks only when this run is the one a person started
+    except ReviewTimedOut as err:
+        return failed_for(err)
+    return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "captioned": captioned,
+            "stages": stages}
 
 
 @flow(name="train")
@@ -62,12 +62,13 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 
     Args:
         config: The pipeline's settings (the workspace to train from, and the recipe)
-        manifest: A reviewed manifest; empty: the workspace's latest (WORKSPACE/manifests/review.jsonl)
+        manifest: A reviewed manifest; empty: the workspace's captions reviewed again (captions edited in
+            WORKSPACE/images/*.txt since the last review count)
     """
     check_run(config, manifest)
     ws = Workspace.at(config.workspace_path())
-    if manifest is None:
-        manifest, _ = input_for("train", ws, config)
+    if manifest is None:  # the review stage again: captions edited in images/*.txt since then count
+        manifest = reviewed_manifest(config, ws)
     stages: dict = {}
     # train_text_encoders: auto → the probe renders the name with the base model and decides.
     probe = _record(stages, "probe", *run_stage("probe", config, ws, manifest))
@@ -83,8 +84,19 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
-    check_run(config)
+    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
+    try:
+        return build_lora(config)
+    except ReviewTimedOut as err:
+        return failed_for(err)
+
+
+def build_lora(config: PipelineConfig) -> dict:
+    """The pipeline's steps, in whichever flow a person started (`pipeline`, or the nightly retrain)."""
     dataset = dataset_flow(config)
+    ws = Workspace.at(dataset["workspace"])
+    review = {"manifest": dataset["manifest"], "stats": dataset["stages"]["review"]["stats"]}
+    dataset["manifest"] = settle_review(config, ws, review, dataset["captioned"])["manifest"]
     trained = train_flow(config, dataset["manifest"])
     result = {
         "name": config.name,
@@ -102,7 +114,6 @@ def pipeline(config: PipelineConfig) -> dict:
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},
     }
-    ws = Workspace.at(dataset["workspace"])
     # What this LoRA was trained from: the nightly retrain compares against it (lorapipe/retrain.py).
     record_trained(ws, training_fingerprint(ws, dataset["collected"], config),
                    {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")})

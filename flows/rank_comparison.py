@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_rank_comparison
-from flows.stages import input_for, run_stage
+from flows.stages import reviewed_manifest, run_stage
 from lorapipe.config import PipelineConfig, RankComparisonConfig
 from lorapipe.errors import UserError
 from lorapipe.workspace import Workspace
@@ -38,13 +38,14 @@ def rank_comparison(config: PipelineConfig, comparison: RankComparisonConfig | N
     Args:
         config: The pipeline's settings (the workspace, the recipe, the evaluation prompts)
         comparison: Ranks to train, other LoRA files to include, resized variants, the tolerance
-        manifest: A reviewed manifest; empty: the workspace's latest (WORKSPACE/manifests/review.jsonl)
+        manifest: A reviewed manifest; empty: the workspace's captions reviewed again (captions edited in
+            WORKSPACE/images/*.txt since the last review count)
     """
     comparison = comparison or RankComparisonConfig()
     logger = get_run_logger()
     ws = Workspace.at(config.workspace_path())
-    if manifest is None:
-        manifest, _ = input_for("train", ws, config)
+    if manifest is None:  # the review stage again, as for `lorapipe train`: edited caption files count
+        manifest = reviewed_manifest(config, ws)
     missing = [f for f in comparison.loras if not Path(f).is_file()]
     if missing:
         raise UserError(f"{missing[0]}: no such LoRA file (comparison.loras)")

@@ -101,12 +101,24 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
     return str(path), {}
 
 
+def reviewed_manifest(config: PipelineConfig, ws: Workspace) -> str:
+    """The review stage run again on the latest captions, for a training started on its own (`lorapipe train`,
+    the train deployment, `lorapipe compare-ranks`): captions a person edited in images/*.txt since the last review
+    are read, so a LoRA is never trained on text that differs from those files. Cached when nothing changed."""
+    captioned = ws.latest_manifest("caption")
+    if not captioned.exists():
+        return input_for("train", ws, config)[0]
+    return run_stage("review", config, ws, str(captioned))[0]["manifest"]
+
+
 @flow(name="stage", flow_run_name="{stage}")
 def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     """One stage on a workspace, reading the previous stage's latest manifest (`lorapipe <stage> WS`)."""
     check_run(config)
     ws = Workspace.at(config.workspace_path())
     manifest, extra = input_for(stage, ws, config)
+    if stage == "train":  # captions edited in images/*.txt since the last review count
+        manifest = reviewed_manifest(config, ws)
     if stage in ("train", "export"):  # the probe decides train_text_encoders: auto (cached after its first run)
         probe, _ = run_stage("probe", config, ws, manifest)
         config = decided(config, probe)

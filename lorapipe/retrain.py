@@ -1,8 +1,9 @@
 """Is there anything new to train on? The nightly retrain asks this right after collecting.
 
 A workspace remembers what its last LoRA was trained from (`last-trained.json`): the ids of the kept
-photos collected, the review decisions, and the settings. The same three again means the same LoRA
-would come out, so the nightly run stops after collecting, without touching the GPU.
+photos collected, the review decisions (with captions edited in images/*.txt), and the settings. The
+same three again means the same LoRA would come out, so the nightly run stops after collecting, without
+touching the GPU.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json, read_json, stable_hash
 from lorapipe.manifest import read_manifest
-from lorapipe.review_decisions import DecisionStore
+from lorapipe.review_decisions import review_inputs_digest
 from lorapipe.workspace import Workspace
 
 LAST_TRAINED = "last-trained.json"
@@ -22,7 +23,8 @@ def training_fingerprint(ws: Workspace, collect_manifest: str | Path, config: Pi
     photos = sorted(r.id for r in read_manifest(collect_manifest) if r.kept)
     # Where captioning runs changes nothing in the result.
     settings = config.model_dump(mode="json", by_alias=True, exclude={"scale_out"})
-    return stable_hash(photos, DecisionStore(ws.cache).digest(), settings)
+    # The review decisions and the caption files people edited by hand (images/*.txt).
+    return stable_hash(photos, review_inputs_digest(ws.root), settings)
 
 
 def last_trained(ws: Workspace) -> dict | None:

@@ -1,16 +1,17 @@
 """Review: automatic rules over every caption, then a person where the settings ask for one.
 
 Clean captions are approved and written as .txt sidecars (the kohya convention). Flagged ones (or all,
-with approval "all") wait for a person: the flow pauses for a form in the Prefect UI, or a person runs
-`lorapipe review WORKSPACE`. Their decisions are stored by content and applied here on every run.
+with approval "all") wait for a person: the run asks in the Prefect UI (flows/review.py), or a person runs
+`lorapipe review WORKSPACE`. A caption file a person changed by hand is read first, on every run of this
+stage (`lorapipe run`, `train`, the nightly, a UI run), as their edit; then every decision is replayed from
+the workspace's log (lorapipe/review_decisions.py) and the sidecars are written to match what training uses.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
@@ -19,140 +20,146 @@ from prefect.cache_policies import NO_CACHE
 from captioners import clip_token_counter
 from captioners.review_rules import caption_problems
 from lorapipe.config import ReviewConfig
+from lorapipe.errors import UserError
 from lorapipe.fsutil import atomic_write_text
 from lorapipe.manifest import CaptionEdit, ImageRecord, read_manifest
-from lorapipe.review_decisions import DecisionStore, ReviewDecision
+from lorapipe.review_decisions import (DecisionStore, Resolved, ReviewDecision, SidecarLedger, resolve,
+                                       review_inputs_digest, same_text, sha256_bytes)
+from lorapipe.textio import decode_user_text
 from lorapipe.workspace import Workspace
+from tasks.review_answers import REFUSED_EDIT_KINDS, display_name, record_answer, record_decision
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.review")
 
-def display_name(record: ImageRecord) -> str:
-    return Path(record.source).name
+
+def edit_check(name: str, config: ReviewConfig, count_tokens):
+    """What a person's own caption must pass before it is used: not empty, the name in it. Their word stands
+    against every other rule (its findings stay on record in review_reasons)."""
+
+    def check(text: str) -> str | None:
+        refused = [p for p in caption_problems(text, name, config, count_tokens) if p.startswith(REFUSED_EDIT_KINDS)]
+        return refused[0] if refused else None
+
+    return check
 
 
-def find_records(records: list[ImageRecord], names: list[str]) -> dict[str, int]:
-    """Reviewers name images by file name or image id (or its first 8+ characters)."""
-    found = {}
-    for name in names:
-        matches = [i for i, r in enumerate(records)
-                   if r.kept and (display_name(r) == name or (len(name) >= 8 and r.id.startswith(name)))]
-        if len(matches) != 1:
-            raise ValueError(f"{name!r} names {len(matches)} kept images; use the image id to disambiguate")
-        found[name] = matches[0]
-    return found
+def sidecar_of(ws: Workspace, record: ImageRecord) -> Path:
+    return ws.path(record.image_path).with_suffix(".txt")
 
 
-def record_decisions(records: list[ImageRecord], ws: Workspace, decision: ReviewDecision) -> int:
-    """Store what a reviewer decided about the captions waiting for one; returns how many decisions."""
-    store, who, count = DecisionStore(ws.cache), decision.reviewer or "reviewer", 0
-    for name, i in find_records(records, decision.drop).items():
-        store.put(records[i].id, records[i].caption, "drop", who)
-        count += 1
-    for name, i in find_records(records, list(decision.edits)).items():
-        store.put(records[i].id, records[i].caption, "edit", who, decision.edits[name].strip())
-        count += 1
-    touched = set(find_records(records, decision.drop + list(decision.edits)).values())
-    approve = set(find_records(records, decision.approve).values()) - touched
-    if decision.approve_all:
-        approve |= {i for i, r in enumerate(records) if r.kept and r.review == "pending" and i not in touched}
-    for i in sorted(approve):
-        store.put(records[i].id, records[i].caption, "approve", who)
-        count += 1
-    return count
+def file_owner(path: Path) -> str:
+    try:
+        return path.owner()
+    except (KeyError, NotImplementedError, OSError):  # a uid with no name (containers), or no owners (Windows)
+        return "unknown"
 
 
-REVIEW_CSV_FIELDS = ["file", "id", "action", "caption", "why"]
+def pick_up_caption_files(records: list[ImageRecord], ws: Workspace, store: DecisionStore, ledger: SidecarLedger,
+                          check, reviewer: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Read the `images/*.txt` files a person changed (the kohya way) as their edits, before anything rewrites them.
 
-
-def write_review_csv(records: list[ImageRecord], path: Path) -> Path:
-    """The captions waiting for a person, to edit in any spreadsheet or editor."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=REVIEW_CSV_FIELDS)
-    writer.writeheader()
-    for r in waiting_for_review(records):
-        writer.writerow({"file": display_name(r), "id": r.id, "action": "", "caption": r.caption,
-                         "why": "; ".join(r.review_reasons) or "approval: all"})
-    return atomic_write_text(path, buf.getvalue())
-
-
-def decision_from_csv(records: list[ImageRecord], path: Path, reviewer: str) -> ReviewDecision:
-    """Rows: a changed caption is an edit; action "drop" leaves the image out; "approve" keeps it as written."""
-    captions = {r.id: r.caption for r in records}
-    decision = ReviewDecision(reviewer=reviewer)
-    with open(path, newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.DictReader(f), 2):
-            image = (row.get("id") or row.get("file") or "").strip()
-            action = (row.get("action") or "").strip().lower()
-            if not image:
-                raise ValueError(f"{path}:{line}: no id or file")
-            if action not in ("", "approve", "drop", "edit"):
-                raise ValueError(f"{path}:{line}: action {action!r} is not approve, edit or drop")
-            caption = (row.get("caption") or "").strip()
-            if action == "drop":
-                decision.drop.append(image)
-            elif caption and caption != (captions.get(image) or "").strip():
-                decision.edits[image] = caption
-            elif action == "approve":
-                decision.approve.append(image)
-    return decision
-
-
-def decision_from_sidecars(records: list[ImageRecord], ws: Workspace, reviewer: str) -> ReviewDecision:
-    """Captions changed by hand in the .txt sidecars (the kohya way) become edits."""
-    edits = {}
+    Returns (the files recorded as edits, problems by image id). A file that cannot be used (not UTF-8, empty,
+    without the name) is left untouched and its image waits for a person with the reason.
+    """
+    recorded, problems = [], {}
     for r in records:
-        sidecar = ws.path(r.image_path).with_suffix(".txt") if r.kept and r.image_path else None
-        if r.review == "approved" and sidecar and sidecar.exists():
-            text = sidecar.read_text(encoding="utf-8").strip()
-            if text and text != (r.caption or "").strip():
-                edits[r.id] = text
-    return ReviewDecision(edits=edits, reviewer=reviewer)
+        path = sidecar_of(ws, r) if r.kept and r.image_path else None
+        if path is None or not path.is_file():
+            continue
+        rel, data = ws.relative(path), path.read_bytes()
+        if ledger.known(rel) == sha256_bytes(data):
+            continue  # as lorapipe wrote it (or already read)
+        current = resolve(r.caption, store.history(r.id, r.caption))
+        try:
+            text = decode_user_text(data, rel).strip()
+        except UserError as err:
+            problems[r.id] = str(err)
+            continue
+        if same_text(text, current.caption):  # saved again unchanged (a BOM, CRLF): nothing to decide
+            ledger.accept(rel, data)
+            continue
+        when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        problem = record_decision(store, r.model_copy(update={"caption": current.caption}), "edit",
+                                  reviewer or file_owner(path), "sidecar", after=text, when=when, check=check)
+        if problem:
+            problems[r.id] = f"{rel}: {problem}; fix the file (or delete it to get the caption back)"
+        else:
+            recorded.append(rel)
+            ledger.accept(rel, data)
+    return recorded, problems
+
+
+def sync_caption_file(ws: Workspace, ledger: SidecarLedger, record: ImageRecord, approved: bool) -> None:
+    """The sidecar says what training uses: written for approved captions; lorapipe's own file removed for the
+    others (so other tools don't pick them up). A file a person wrote is never overwritten or deleted."""
+    path = sidecar_of(ws, record)
+    rel = ws.relative(path)
+    data = path.read_bytes() if path.is_file() else None
+    ours = data is not None and ledger.known(rel) == sha256_bytes(data)
+    if approved:
+        if data is None or (ours and not same_text(decode_user_text(data, rel), record.caption)):
+            atomic_write_text(path, record.caption)
+            ledger.accept(rel, record.caption.encode("utf-8"))
+    elif ours:
+        path.unlink()
+        ledger.forget(rel)
 
 
 def review_records(
-    records: list[ImageRecord], ws: Workspace, config: ReviewConfig, name: str, tokenizer_from: str
+    records: list[ImageRecord], ws: Workspace, config: ReviewConfig, name: str, tokenizer_from: str,
+    reviewer: str | None = None, read_files: list[str] | None = None,
 ) -> tuple[list, dict]:
+    """The rules and every decision over `records`; `read_files` (if given) receives the caption files read as
+    edits, `reviewer` is who made them (default: each file's owner)."""
     count_tokens = clip_token_counter(tokenizer_from) if any(r.kept for r in records) else None
-    store = DecisionStore(ws.cache)
+    store, ledger = DecisionStore(ws.cache), SidecarLedger(ws.root)
+    from_files, file_problems = pick_up_caption_files(records, ws, store, ledger,
+                                                      edit_check(name, config, count_tokens), reviewer)
+    resolved: dict[str, Resolved] = {r.id: resolve(r.caption, store.history(r.id, r.caption)) for r in records
+                                     if r.kept}
     by_caption = defaultdict(list)
     for r in records:
-        if r.kept and r.caption:
-            by_caption[r.caption.strip().lower()].append(r)
+        if r.kept and (caption := resolved[r.id].caption):
+            by_caption[caption.strip().lower()].append(r)
     out = []
     for record in records:
         if not record.kept:
             out.append(record)
             continue
-        decision = store.get(record.id, record.caption)
-        if decision and decision.action == "drop":
-            out.append(record.model_copy(update={
-                "status": "rejected", "reason": f"dropped_by_reviewer: {decision.who}", "review": "rejected",
-                "reviewed_by": decision.who}))
+        res = resolved[record.id]
+        if res.edits:
+            edits = [CaptionEdit(who=d.who, when=d.when, before=d.before, after=d.after) for d in res.edits]
+            record = record.model_copy(update={"caption": res.caption,
+                                               "caption_edits": [*record.caption_edits, *edits]})
+        if res.dropped_by:
+            who = res.dropped_by.who
+            record = record.model_copy(update={
+                "status": "rejected", "reason": f"dropped_by_reviewer: {who}", "review": "rejected",
+                "reviewed_by": who})
+            sync_caption_file(ws, ledger, record, approved=False)
+            out.append(record)
             continue
-        update = {}
-        if decision and decision.action == "edit":
-            edit = CaptionEdit(who=decision.who, when=decision.when, before=record.caption, after=decision.caption)
-            update = {"caption": decision.caption, "caption_edits": [*record.caption_edits, edit]}
-        record = record.model_copy(update=update)
         problems = caption_problems(record.caption, name, config, count_tokens)
+        if record.caption_error and not res.edits:  # nothing to train on until a person writes a caption
+            problems = [f"caption_failed: {record.caption_error}", *(p for p in problems if not p.startswith("empty"))]
         twins = [r for r in by_caption.get((record.caption or "").strip().lower(), []) if r.id != record.id]
-        if twins and not decision:
+        if twins and not res.approved_by:
             problems.append(f"duplicate: the same caption as {display_name(twins[0])}")
-        if decision:  # a person looked at it: their word stands; the rules' findings stay on record
-            review, who = "approved", decision.who
+        if record.id in file_problems:
+            problems.append(f"caption_file: {file_problems[record.id]}")
+        if res.approved_by and record.id not in file_problems and (record.caption or "").strip():
+            review, who = "approved", res.approved_by.who  # a person looked at it: their word stands
         else:
             review = "pending" if problems or config.approval == "all" else "approved"
             who = None
-        sidecar = ws.path(record.image_path).with_suffix(".txt")
-        if review == "approved":
-            if not sidecar.exists() or sidecar.read_text(encoding="utf-8") != record.caption:
-                atomic_write_text(sidecar, record.caption)
-        else:
-            sidecar.unlink(missing_ok=True)  # a caption nobody approved must not be picked up by other tools
-            if problems:
-                log.warning("%s: caption needs review (%s): %r", record.source, "; ".join(problems), record.caption)
+        sync_caption_file(ws, ledger, record, approved=review == "approved")
+        if review == "pending" and problems:
+            log.warning("%s: caption needs review (%s): %r", record.source, "; ".join(problems), record.caption)
         out.append(record.model_copy(update={"review": review, "review_reasons": problems, "reviewed_by": who}))
+    ledger.save()
+    if read_files is not None:
+        read_files += from_files
     stats = {
         "approved": sum(1 for r in out if r.review == "approved"),
         "pending": sum(1 for r in out if r.review == "pending"),
@@ -161,54 +168,43 @@ def review_records(
     return out, stats
 
 
-def waiting_for_review(records: list[ImageRecord]) -> list[ImageRecord]:
-    return [r for r in records if r.kept and r.review == "pending"]
+CODE = code_version(__name__, "lorapipe.review_decisions", "tasks.review_answers", "captioners.review_rules",
+                    "captioners.caption_text", "captioners.caption_subject")
 
 
-def review_markdown(records: list[ImageRecord], limit: int = 200) -> str:
-    """The captions waiting for a person, as the Prefect UI shows them above the review form."""
-    waiting = waiting_for_review(records)
-    lines = [
-        f"### {len(waiting)} captions need a person",
-        "Approve them as they are (**approve_all**), give a new caption per file (**edits**: file name → caption), "
-        "or leave images out of training (**drop**). Anything not approved stays out of this run.",
-        "",
-        "| file | id | caption | why |",
-        "| --- | --- | --- | --- |",
-    ]
-    for r in waiting[:limit]:
-        why = "; ".join(r.review_reasons) or "approval: all"
-        caption = (r.caption or "").replace("|", "\\|")
-        lines.append(f"| {display_name(r)} | {r.id[:8]} | {caption} | {why.replace('|', '/')} |")
-    if len(waiting) > limit:
-        lines.append(f"\n…and {len(waiting) - limit} more (see the review manifest).")
-    return "\n".join(lines)
+def review_key(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str,
+               reviewer: str | None = None) -> str:
+    # The decisions and the caption files people edited are inputs: an edited images/*.txt is never "cached".
+    return stage_key("review", CODE, manifest_digest(manifest), workspace, config, name, tokenizer_from,
+                     review_inputs_digest(workspace))
 
 
-CODE = code_version(__name__, "lorapipe.review_decisions", "captioners.review_rules", "captioners.caption_text",
-                    "captioners.caption_subject")
-
-
-def review_key(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str) -> str:
-    decisions = DecisionStore(Workspace(Path(workspace)).cache).digest()
-    return stage_key("review", CODE, manifest_digest(manifest), workspace, config, name, tokenizer_from, decisions)
-
-
-def run_review(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str) -> dict:
+def run_review(manifest: str, workspace: str, config: ReviewConfig, name: str, tokenizer_from: str,
+               reviewer: str | None = None) -> dict:
+    """The review stage; `reviewer` names who edited caption files (default: each file's owner)."""
     ws = Workspace.at(workspace)
-    records, stats = review_records(read_manifest(manifest), ws, config, name, tokenizer_from)
-    result = finish_manifest_stage(ws, "review", review_key(manifest, workspace, config, name, tokenizer_from),
-                                   records, stats)
-    result["outputs"] += [str(ws.path(r.image_path).with_suffix(".txt")) for r in records if r.review == "approved"]
+    key, read_files = review_key(manifest, workspace, config, name, tokenizer_from), []
+    records, stats = review_records(read_manifest(manifest), ws, config, name, tokenizer_from, reviewer, read_files)
+    result = finish_manifest_stage(ws, "review", key, records, stats)
+    result["caption_files_read"] = read_files  # as edits, this run
+    result["outputs"] += [str(sidecar_of(ws, r)) for r in records if r.review == "approved"]
     return result
 
 
 review_task = stage_task(run_review, review_key, name="review")
 
 
-def run_record_decisions(manifest: str, workspace: str, decision: ReviewDecision) -> dict:
-    return {"decisions": record_decisions(read_manifest(manifest), Workspace.at(workspace), decision)}
+def run_record_answer(manifest: str, workspace: str, answer: ReviewDecision, config: ReviewConfig, name: str,
+                      tokenizer_from: str, source: str = "form", ref: str | None = None,
+                      scope: list[str] | None = None) -> dict:
+    """Record a person's answer about the captions in `manifest` (the review manifest they saw)."""
+    ws, records = Workspace.at(workspace), read_manifest(manifest)
+    check = edit_check(name, config, clip_token_counter(tokenizer_from))
+    with ws.lock("review"):  # beside `lorapipe review` in a terminal, writing the same logs
+        outcome = record_answer(records, DecisionStore(ws.cache), answer, source, check=check, ref=ref,
+                                scope=set(scope) if scope else None)
+    return {"recorded": outcome.recorded, "problems": outcome.problems}
 
 
 # Never cached: each answer from a person is new information.
-record_decisions_task = task(run_record_decisions, name="record-review-decisions", cache_policy=NO_CACHE)
+record_answer_task = task(run_record_answer, name="record-review-decisions", cache_policy=NO_CACHE)

@@ -99,3 +99,50 @@ def embedded_images(markdown: str) -> list[Image.Image]:
     found = re.findall(r"!\[[^\]]*\]\(data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)\)", markdown)
     return [Image.open(io.BytesIO(base64.b64decode(data))) for data in found]
 
+
+
+def waiting_run(client, run_id, after: str | None = None, timeout: float = 300):
+    """The run once it waits for a person's answer (a new question: a pause key other than `after`), or ends."""
+    def waiting(state):
+        return state.is_final() or (state.is_paused() and state.state_details.pause_key != after and
+                                    state.state_details.run_input_keyset is not None)
+    return wait_until(client, run_id, waiting, timeout=timeout, what="a review form")
+
+
+def run_logs(client, run_id, until: str, timeout: float = 60) -> str:
+    """The run's log lines (they reach the server in batches, after its state: wait for the one expected)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
+                                sort=LogSort.TIMESTAMP_DESC)  # the last 200
+        text = "\n".join(log.message for log in logs)
+        if re.search(until, text) or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
+
+
+def newest_logs_first(page) -> None:
+    """The V2 run page's log, newest first: where a run's last words are."""
+    page.get_by_text("Oldest to newest").click()
+    page.get_by_role("option", name="Newest to oldest").click()
+
+
+def open_resume_form(page, ui_url: str, run_id):
+    """The run's page in the V2 UI, ⋮ menu → Resume: the dialog with the review form."""
+    page.goto(f"{ui_url}/v2/runs/flow-run/{run_id}")
+    page.get_by_role("button", name="Open menu").click()
+    page.get_by_role("menuitem", name="Resume").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("captions need a person").wait_for(timeout=30_000)
+    return dialog
+
+
+def type_json(page, dialog, title: str, text: str) -> None:
+    """Type into a JSON field of a V2 form (a code editor under the field's label)."""
+    editor = dialog.locator(f"xpath=.//label[normalize-space()='{title}']/ancestor::div[fieldset][1]"
+                            "//*[@contenteditable='true']")
+    editor.click()
+    page.keyboard.insert_text(text)

@@ -47,6 +47,8 @@ def compare(ws: Path, *args: str) -> dict:
 
 def test_compare_ranks_reports_size_time_identity_and_pollution(reviewed):
     ws = reviewed
+    edited = sorted((ws / "images").glob("*.txt"))[0]  # by hand since the review: trained as edited
+    edited.write_text("Jane Doe flying a green kite by hand")
     report = compare(ws, "--resize-to", "1")
     markdown = Path(report["markdown"]).read_text()
     assert Path(ws / "reports" / "rank-comparison.md").read_text() == markdown
@@ -77,6 +79,7 @@ def test_compare_ranks_reports_size_time_identity_and_pollution(reviewed):
     meta, te_keys = rank_files["rank 4"]
     assert json.loads(meta["lorapipe"])["text_encoders"]["reason"] == decision["reason"] and te_keys
     assert meta["ss_network_dim"] == "4" and meta["ss_network_train_unet_only"] == "false"
+    assert "jane doe flying a green kite by hand" in json.loads(meta["ss_tag_frequency"])["images"]
     assert json.loads(rank_files["rank 4 → 1 (SVD)"][0]["lorapipe_resize"])["to_rank"] == 1
     assert not (ws / "loras" / "jane-doe.safetensors").exists()  # the comparison replaces no one's LoRA
 

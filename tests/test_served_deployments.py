@@ -1,6 +1,7 @@
 """`lorapipe serve` against a real `prefect server start`: runs triggered as the UI triggers them, the run
-form in a real browser, artifacts, idempotent reruns, the nightly schedule, "nothing new", and a nightly run
-that suspends for a caption review, notifies, and finishes once a person answers.
+form in a real browser, artifacts, idempotent reruns, the nightly schedule, "nothing new", a nightly run
+that suspends for a caption review, notifies, and finishes once a person answers; and the caption review in
+the V2 UI (the log says what to do, photos in the form, a typo sent back) and its timeouts.
 
 The tests share one served demo (a module fixture) and run in the order written: the first run trains,
 later ones rely on what it left (as a user's second run would).
@@ -27,8 +28,9 @@ from browser import browser_page
 from flows.demo import demo_config, write_job_file
 from lorapipe.demo_data import extra_photo
 from lorapipe.manifest import read_manifest
-from served import (api, artifacts_of, embedded_images, table, task_runs_under, trigger, wait_final,
-                    wait_for_deployment, wait_until)
+from lorapipe.policy import local_models
+from served import (api, artifacts_of, embedded_images, newest_logs_first, open_resume_form, run_logs, table,
+                    task_runs_under, trigger, type_json, wait_final, wait_for_deployment, wait_until, waiting_run)
 
 pytestmark = pytest.mark.slow
 DOCS = Path(__file__).parent.parent / "docs"
@@ -72,9 +74,12 @@ def served(prefect_server, tiny_models, demo_photos_master, tmp_path_factory):
             "lorapipe-review", overwrite=True)
     lorapipe = Path(sys.executable).with_name("lorapipe")
     log = open(root / "serve.log", "w")
+    # The operator lets runs use any folder under the test's (the review tests' own workspaces) and the models.
+    allowed = [root, *(path for _, path in local_models(config))]
     process = subprocess.Popen(
         [str(lorapipe), "serve", "--config", str(job), "--timezone", TIMEZONE, "--notify",
-         "custom-webhook/lorapipe-review"], env=prefect_server.env, stdout=log, stderr=subprocess.STDOUT)
+         "custom-webhook/lorapipe-review", *(f"--allow-path={p}" for p in allowed)], env=prefect_server.env,
+        stdout=log, stderr=subprocess.STDOUT)
     try:
         with api(prefect_server) as client:
             deployments = {f: wait_for_deployment(client, f"{f}/lorapipe", process) for f in FLOWS}
@@ -286,3 +291,144 @@ def test_rank_comparison_deployment_reports_in_the_ui_and_reuses_a_trained_rank(
     assert grid.height > 3 * 128  # base model, rank 2, rank 8: one labelled row each
     written = Path(served.config.workspace) / "reports" / "rank-comparison.md"
     assert "| rank 8 | 8 |" in written.read_text()
+
+
+# Caption review in the UI Prefect serves by default (V2). Each test works in its own workspace (the flows'
+# `workspace` parameter); later ones add photos, so only those wait.
+
+REVIEW_WS = "review-ws"
+TIMEOUT_HOURS = 0.004  # 14.4 s (Prefect's proactive triggers wait at least 10 s)
+
+
+def parameters(served, workspace: str, **review) -> dict:
+    config = served.config.model_dump(mode="json", by_alias=True)
+    config["workspace"] = str(served.root / workspace)
+    config["review"] = {**config["review"], **review}
+    return {"config": config}
+
+
+def captions(ws: Path) -> dict[str, str]:
+    """The captioner's captions by file name."""
+    return {Path(r.source).name: r.caption for r in read_manifest(ws / "manifests" / "caption.jsonl") if r.kept}
+
+
+def test_review_in_the_v2_ui_photos_fields_and_a_typo_sent_back(served):
+    with api(served.server) as client:
+        run_id = trigger(client, served.deployments["dataset"], parameters(served, REVIEW_WS, approval="all"))
+        run = waiting_run(client, run_id)
+        assert run.state.name == "Suspended", served.log.read_text()[-3000:]  # no process held while it waits
+        first_key = run.state.state_details.pause_key
+
+        with browser_page() as page:
+            # The run's log says what to do, in the UI Prefect serves by default.
+            page.goto(f"{served.server.url}/v2/runs/flow-run/{run_id}")
+            newest_logs_first(page)
+            page.get_by_text("captions wait for a person", exact=False).first.wait_for(timeout=60_000)
+            log_text = page.inner_text("body")
+            assert f"Runs → {run.name}, then the ⋮ menu (top right) → Resume" in log_text
+            assert "lorapipe review" in log_text
+            page.screenshot(path=served.root / "review-log.png")
+
+            dialog = open_resume_form(page, served.server.url, run_id)
+            kept = captions(served.root / REVIEW_WS)  # the demo's ten, and the nightly test's new photo
+            first, kept = next(iter(kept)), len(kept)
+            assert f"{kept} captions need a person" in dialog.inner_text()
+            photos = dialog.locator("img")
+            photos.nth(kept - 1).wait_for(timeout=30_000)
+            assert photos.count() == kept and all(photos.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
+                                                   for i in range(kept))
+            assert f"1. {first}" in dialog.inner_text()  # numbered as the fields below
+            page.screenshot(path=served.root / "review-form.png")
+
+            dialog.get_by_label("Approve All (Optional)").click()
+            type_json(page, dialog, "Edits (Optional)",
+                       '{"portrait_2.jpg": "Jane Doe in a blue shirt, typed under a wrong name"}')
+            dialog.get_by_role("button", name="Resume").click()
+
+            # The answer is applied where it can be; the typo comes back on a new form, the run never fails.
+            run = waiting_run(client, run_id, after=first_key)
+            assert run.state.is_paused(), (run.state, served.log.read_text()[-3000:])
+            dialog = open_resume_form(page, served.server.url, run_id)
+            text = dialog.inner_text()
+            assert "no kept image named 'portrait_2.jpg' — did you mean portrait_02.jpg?" in text
+            assert "Jane Doe in a blue shirt, typed under a wrong name" in text  # their words, quoted back
+            assert "1 captions need a person" in text and dialog.locator("img").count() == 1
+            page.screenshot(path=served.root / "review-sent-back.png")
+
+            caption = dialog.get_by_label("1. portrait_02.jpg (Optional)")
+            assert caption.input_value() == captions(served.root / REVIEW_WS)["portrait_02.jpg"]  # prefilled
+            caption.fill("Jane Doe in a blue shirt, edited in its own field")  # no file name to type
+            dialog.get_by_label("Reviewer (Optional)").fill("ui-reviewer")
+            dialog.get_by_role("button", name="Resume").click()
+            run = wait_final(client, run_id)
+        assert run.state.is_completed(), (run.state, served.log.read_text()[-3000:])
+
+    records = {Path(r.source).name: r for r in read_manifest(served.root / REVIEW_WS / "manifests" / "review.jsonl")
+               if r.kept}
+    assert all(r.review == "approved" for r in records.values())
+    edited = records["portrait_02.jpg"]
+    assert (edited.caption, edited.reviewed_by) == ("Jane Doe in a blue shirt, edited in its own field", "ui-reviewer")
+    assert records["portrait_00.jpg"].caption_edits == []
+    if os.environ.get("LORAPIPE_UPDATE_SCREENSHOTS"):
+        for name in ("review-form.png", "review-log.png"):
+            shutil.copy(served.root / name, DOCS / name)
+
+
+def reviewed(served) -> dict:
+    return {Path(r.source).name: r for r in read_manifest(served.root / REVIEW_WS / "manifests" / "review.jsonl")
+            if r.kept}
+
+
+def test_a_paused_review_answered_from_a_terminal_then_timed_out_continues(served):
+    """A run that pauses (in its process): `lorapipe review --resume` answers part of it; nobody answers the rest
+    in time, and the run carries on with what is approved."""
+    first, second = (extra_photo(served.root / "photos", index=i).name for i in (60, 61))
+    lorapipe = Path(sys.executable).with_name("lorapipe")
+    with api(served.server) as client:
+        run_id = trigger(client, served.deployments["dataset"], parameters(
+            served, REVIEW_WS, approval="all", wait="pause", timeout_hours=0.01, on_timeout="continue"))
+        run = waiting_run(client, run_id)
+        assert run.state.name == "Paused", served.log.read_text()[-3000:]
+        answered = subprocess.run([str(lorapipe), "review", str(served.root / REVIEW_WS), "--approve", first,
+                                   "--resume", "--reviewer", "terminal"], env=served.server.env,
+                                  capture_output=True, text=True, timeout=120)
+        assert answered.returncode == 0, answered.stderr[-3000:]
+        assert json.loads(answered.stdout)["resumed_flow_run"] == str(run_id)
+        run = wait_final(client, run_id)
+        assert run.state.is_completed(), (run.state, served.log.read_text()[-3000:])
+        logs = run_logs(client, run_id, until=r"nobody reviewed")
+    assert re.search(r"nobody reviewed \d+ captions within 0.01 hours \(review.timeout_hours\): carrying on with "
+                     r"the \d+ approved captions only", logs), served.log.read_text()[-5000:]
+    records = reviewed(served)
+    assert (records[first].review, records[first].reviewed_by) == ("approved", "terminal")
+    assert records[second].review == "pending"
+
+
+@pytest.mark.parametrize("on_timeout", ["continue", "fail"])
+def test_a_suspended_review_nobody_answers_honours_on_timeout(served, on_timeout):
+    """The run is suspended (no process): a Prefect automation resumes it at the deadline, then
+    `review.on_timeout` decides, instead of the server failing it with "paused and never resumed"."""
+    photo = extra_photo(served.root / "photos", index=70 if on_timeout == "continue" else 71).name
+    with api(served.server) as client:
+        run_id = trigger(client, served.deployments["dataset"], parameters(
+            served, REVIEW_WS, approval="all", timeout_hours=TIMEOUT_HOURS, on_timeout=on_timeout))
+        run = waiting_run(client, run_id)
+        assert run.state.name == "Suspended", served.log.read_text()[-3000:]
+        run = wait_final(client, run_id, timeout=300)
+        logs = run_logs(client, run_id, until=r"nobody reviewed")
+        assert not client.read_automations_by_name(f"lorapipe: review timeout of flow run {run_id}")
+    waited = sum(r.review == "pending" for r in reviewed(served).values())
+    message = f"nobody reviewed {waited} captions within {TIMEOUT_HOURS} hours (review.timeout_hours)"
+    assert reviewed(served)[photo].review == "pending"
+    if on_timeout == "continue":
+        assert run.state.is_completed(), (run.state, served.log.read_text()[-3000:])
+        assert f"{message}: carrying on with the" in logs
+    else:
+        assert run.state.is_failed() and run.state.message.startswith(message) and "\n" not in run.state.message
+        # A reviewer's absence is no crash: no exception in the flow (the log's only traceback is the one Prefect's
+        # engine prints for every Failed run of a deployment).
+        assert "Encountered exception during execution" not in logs
+        with browser_page() as page:  # what a person sees on the run's page: its last log lines
+            page.goto(f"{served.server.url}/v2/runs/flow-run/{run_id}")
+            newest_logs_first(page)
+            page.get_by_text(f"Finished in state Failed('{message}", exact=False).first.wait_for(timeout=60_000)
