@@ -17,7 +17,7 @@ from PIL import Image
 from prefect import get_run_logger
 from prefect.artifacts import MarkdownArtifact, TableArtifact
 
-from flows.summary import human_size
+from flows.summary import human_size, work_done
 from lorapipe.manifest import ImageRecord, read_manifest, rejection_counts
 from lorapipe.plots import data_url, loss_chart
 from lorapipe.workspace import slugify
@@ -61,14 +61,15 @@ def caption_rows(records: list[ImageRecord]) -> list[dict]:
     } for r in records if r.kept]
 
 
-def publish_dataset(name: str, manifest: str) -> None:
+def publish_dataset(name: str, manifest: str, stages: dict | None = None) -> None:
     records = read_manifest(manifest)
     kept = [r for r in records if r.kept]
     reasons = ", ".join(f"{k} {n}" for k, n in sorted(rejection_counts(records).items())) or "none"
     buckets = ", ".join(f"{b} ×{n}" for b, n in sorted(Counter(r.bucket for r in kept if r.bucket).items()))
     slug = slugify(name)
     publish(TableArtifact(key=f"{slug}-dataset", table=dataset_rows(records), description=(
-        f"**{len(records)} photos in, {len(kept)} kept**; rejected: {reasons}. Buckets: {buckets or 'none'}.")))
+        f"**{len(records)} photos in, {len(kept)} kept**; rejected: {reasons}. Buckets: {buckets or 'none'}."
+        + (f" Work done: {work_done(stages)}." if stages else ""))))
     review = Counter(r.review for r in kept)
     publish(TableArtifact(key=f"{slug}-captions", table=caption_rows(records), description=(
         f"**{len(kept)} captions**: {review.get('approved', 0)} approved, {review.get('pending', 0)} waiting for "
@@ -78,7 +79,6 @@ def publish_dataset(name: str, manifest: str) -> None:
 def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stages: dict) -> str:
     preflight = train.get("preflight") or {}
     held_out = train.get("held_out_losses") or []
-    cached = [stage for stage, s in stages.items() if s["cached"]]
     rows = [
         ("LoRA (kohya: ComfyUI, A1111, Forge)", f"`{export['lora']}` ({human_size(export['size_bytes'])})"),
         ("LoRA (diffusers)", f"`{export['diffusers']}` ({human_size(Path(export['diffusers']).stat().st_size)})"),
@@ -91,7 +91,7 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
         ("held-out loss by epoch", ", ".join(f"{v:.4f}" for v in held_out) or "not measured (small dataset)"),
         ("LoRA vs base (mean pixel change)", f"{evaluate['mean_abs_difference']:.2f} / 255"),
         ("sample grid", f"`{evaluate['samples']}`"),
-        ("re-used from cache", ", ".join(cached) or "nothing"),
+        ("work done (per image: new, re-used from cache)", work_done(stages)),
     ]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     return f"# {name}: LoRA ready\n\n| | |\n|---|---|\n{table}\n"
@@ -107,7 +107,7 @@ def publish_training(name: str, train: dict, export: dict, evaluate: dict, stage
         f"# Loss: {name}\n\n![loss curve]({data_url(chart)})\n\n{len(train.get('losses') or [])} optimizer steps, "
         f"final loss {train['final_loss']:.4f}.\n")))
     with Image.open(evaluate["samples"]) as grid:
-        samples = data_url(grid, photo=True)
+        samples = data_url(grid, max_side=768, photo=True)  # a preview: the full grid is the file named below
     prompts = "\n".join(f"- {p}" for p in evaluate.get("prompts", []))
     publish(MarkdownArtifact(key=f"{slug}-samples", description="Top row: base model; bottom row: with the LoRA",
                               markdown=(f"# Samples: {name}\n\nTop row: the base model. Bottom row: the same seeds "

@@ -11,10 +11,11 @@ from flows.artifacts import publish_dataset, publish_training
 from flows.fanout import fan_out_captions
 from flows.review import ask_a_person
 from flows.stages import input_for, run_stage
+from flows.summary import summary_rows
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
 from lorapipe.policy import check_run
-from lorapipe.retrain import record_trained, training_fingerprint
+from lorapipe.retrain import record_trained, training_fingerprint, training_inputs
 from lorapipe.workspace import Workspace
 from tasks.review import record_decisions_task
 
@@ -45,13 +46,13 @@ def dataset_flow(config: PipelineConfig) -> dict:
     result = _record(stages, "caption", *run_stage("caption", config, ws, result["manifest"]))
     captioned = result["manifest"]
     result = _record(stages, "review", *run_stage("review", config, ws, captioned))
-    publish_dataset(config.name, result["manifest"])  # before any wait: the reviewer sees the caption table
+    publish_dataset(config.name, result["manifest"], stages)  # before any wait: the reviewer sees the caption table
     if result["stats"]["pending"] and config.review.approval != "auto":
         decision = ask_a_person(ws, result["manifest"], config.review)
         if decision:
             record_decisions_task(manifest=result["manifest"], workspace=str(ws.root), decision=decision)
             result = _record(stages, "review", *run_stage("review", config, ws, captioned))
-            publish_dataset(config.name, result["manifest"])
+            publish_dataset(config.name, result["manifest"], stages)
     return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "stages": stages}
 
 
@@ -95,8 +96,12 @@ def pipeline(config: PipelineConfig) -> dict:
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},
     }
+    logger = get_run_logger()
+    for label, value in summary_rows(result):  # the table `lorapipe run` prints, in this run's logs
+        logger.info("%s: %s", label, value)
     ws = Workspace.at(dataset["workspace"])
     # What this LoRA was trained from: the nightly retrain compares against it (lorapipe/retrain.py).
     record_trained(ws, training_fingerprint(ws, dataset["collected"], config),
-                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")})
+                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")},
+                   training_inputs(ws, dataset["collected"], config))
     return result

@@ -99,3 +99,18 @@ def embedded_images(markdown: str) -> list[Image.Image]:
     found = re.findall(r"!\[[^\]]*\]\(data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)\)", markdown)
     return [Image.open(io.BytesIO(base64.b64decode(data))) for data in found]
 
+
+
+def log_lines(client, run_id) -> dict[str, list[str]]:
+    """What each run's Logs tab shows, read through the API: flow name → "logger | message" lines, for the
+    run and each of its subflows."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    out: dict[str, list[str]] = {}
+    for run in flow_runs_under(client, run_id):
+        flow = client.read_flow(run.flow_id).name
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                                sort=LogSort.TIMESTAMP_ASC)
+        out[flow] = [f"{log.name} | {log.message}" for log in logs]
+    return out
