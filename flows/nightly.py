@@ -4,8 +4,9 @@ Collecting is cheap (a folder listing, cached downloads); everything after it is
 kept photos, the review decisions and the settings are those the last LoRA was trained from
 (lorapipe/retrain.py): the run then ends in seconds with "nothing new" and no GPU stage at all. Otherwise
 it says what changed (photos added or removed, by name; review decisions; settings, old → new) in its logs
-and its `<name>-nightly` artifact, and runs the pipeline, where content caching limits the work to the new or changed photos, and where
-captions that need a person suspend the run (holding no worker or GPU) until someone answers.
+and its `<name>-nightly` artifact, and runs the pipeline, where content caching limits the work to the new
+or changed photos, and where captions that need a person suspend the run (holding no worker or GPU) until
+someone answers.
 """
 
 from __future__ import annotations
