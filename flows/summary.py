@@ -19,7 +19,8 @@ def human_size(n: int) -> str:
 
 
 # What a stage's per-item counts ("computed", "reused" in its stats) count, in the words of the summary.
-ITEMS = {"collect": "files", "validate": "checks", "dedup": "hashes", "crop": "crops", "caption": "captions"}
+ITEMS = {"collect": "files", "validate": "checks", "dedup": "hashes", "crop": "crops", "caption": "captions",
+         "caption-fan-out": "captions on the cluster"}
 
 
 def item_counts(stages: dict) -> list[tuple[str, int, int]]:

@@ -176,10 +176,10 @@ def settings_from_form(data: dict) -> dict:
 def form_values(config: BaseModel) -> dict:
     """`config` as the form's values (what a deployment prefills the form with)."""
     data = config.model_dump(mode="json", by_alias=True, exclude_none=True)  # empty fields mean None
-    top = {field: data.pop(field) for field in ("name", "images", "workspace") if field in data}
+    top = {field: data.pop(field) for field in list(data) if not isinstance(data[field], dict)}  # not sections
     for field, (section, key) in QUICK.items():
         top[field] = data[section].pop(key)
-    return {field: top[field] for field in TOP if field in top} | {ADVANCED: data}
+    return _in_form_order(top) | {ADVANCED: data}
 
 
 def form_schema(settings: type[BaseModel]) -> dict:
@@ -199,10 +199,15 @@ def form_schema(settings: type[BaseModel]) -> dict:
     for field, (section, key) in QUICK.items():
         top[field] = sections[section]["properties"].pop(key)
     advanced = {"type": "object", "properties": sections, "additionalProperties": False}
-    properties = {field: top[field] for field in TOP if field in top} | {ADVANCED: advanced}
+    properties = _in_form_order(top) | {ADVANCED: advanced}
     properties = {key: _for_people(value, key) for key, value in properties.items()}
     return {"title": "Run settings", "type": "object", "properties": properties,
             "required": [f for f in settings_schema.get("required", []) if f in properties]}
+
+
+def _in_form_order(top: dict) -> dict:
+    """TOP's fields first, in its order; any other top-level setting after them."""
+    return {field: top[field] for field in TOP if field in top} | {k: v for k, v in top.items() if k not in TOP}
 
 
 def _inline(schema: Any, defs: dict) -> Any:

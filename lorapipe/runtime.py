@@ -43,6 +43,12 @@ def configure_logging() -> None:
     libraries, the root logger) changes level.
     """
     logger = logging.getLogger(LOGGER)
+    # A process Prefect configured before lorapipe was imported (a work-pool worker's flow run: `import
+    # prefect` comes first, then the flow's module) never read the extra loggers above: give lorapipe's
+    # logger the handlers Prefect gives them, those of "prefect.extra" (the API handler), as Prefect would.
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         level = os.environ.get(LOG_LEVEL_ENV, "INFO").strip().upper()
         logger.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

@@ -175,8 +175,12 @@ def test_run_form_in_a_browser_starts_a_run_that_completes(served, first_run, tm
         assert all(name in listed for name in ("photos-to-dataset", "dataset-to-lora", "nightly-retrain"))
         screenshot(page, tmp_path, "deployments.png")
 
-        page.goto(f"{served.server.url}/v2/deployments/deployment/{deployment.id}/run")
+        page.get_by_text("photos-to-lora", exact=True).click()  # its page: Run → Custom run opens the form
+        page.get_by_role("button", name="Run").click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url(f"**/v2/deployments/deployment/{deployment.id}/run**", timeout=60_000)
         page.get_by_text("Epochs (Optional)", exact=True).wait_for(timeout=60_000)
+        page.set_viewport_size({"width": 1400, "height": 1400})  # the screenshot: to the advanced settings
         page.wait_for_load_state("networkidle")
         text = page.inner_text("main")
         labels = ["Name", "Photos", "LoRA rank (Optional)", "Epochs (Optional)", "Learning rate (Optional)",

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from itertools import combinations
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from deployments.serve import DEPLOYMENTS, deployment_name
 from flows.demo import demo_config
-from served import api, task_runs_under, trigger, wait_final, wait_for_deployment
+from served import api, log_lines, task_runs_under, trigger, wait_final, wait_for_deployment
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -95,7 +96,11 @@ def test_two_pipelines_run_one_per_machine_and_take_turns_on_the_gpu(prefect_ser
         logs = [log.read_text() for log in workers]
         assert all(r.state.is_completed() for r in finished), ([r.state for r in finished], logs)
         gpu = {run_id: [t for t in task_runs_under(client, run_id) if "gpu" in t.tags] for run_id in runs}
-
+        # The worker's runs log lorapipe's numbers too (its flow-run process imports prefect before lorapipe).
+        deadline = time.monotonic() + 30  # the last lines arrive as the run's process exits
+        while not any("lorapipe.export | LoRA written to" in line for line in log_lines(client, runs[0])["train"]):
+            assert time.monotonic() < deadline, log_lines(client, runs[0])
+            time.sleep(1)
     # One run per GPU machine: each worker took one of the two runs (without --limit 1, one took both).
     took = [[str(run_id) for run_id in runs if f"submitting flow run '{run_id}'" in log] for log in logs]
     assert sorted(len(t) for t in took) == [1, 1], took
