@@ -46,6 +46,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "train": ("Training", "The LoRA recipe beyond rank, epochs and learning rate"),
     "evaluate": ("Samples after training", "Images rendered with and without the LoRA"),
     "scale_out": ("Captioning on a cluster", "Dask or Ray, for many photos"),
+    "probe": ("Does the base model know this person?", "The renders that decide whether to train the text "
+              "encoders (when Training → Train both text encoders is auto)"),
 }
 TITLES: dict[str, str | tuple[str, str]] = {
     "name": "Name",
