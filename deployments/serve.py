@@ -21,6 +21,7 @@ from prefect.schedules import Cron
 
 from flows.nightly import nightly
 from flows.pipeline import dataset_flow, pipeline, train_flow
+from flows.rank_comparison import rank_comparison
 from lorapipe.config import NightlyConfig, PipelineConfig
 from lorapipe.errors import UserError
 from lorapipe.policy import POLICY_ENV, ServingPolicy, policy_problems
@@ -35,6 +36,8 @@ DEPLOYMENTS: dict[str, tuple[str, str]] = {
     "dataset": ("photos-to-dataset", "Collect → review only: a workspace of approved images."),
     "train": ("dataset-to-lora", "Train, export and evaluate from a reviewed workspace."),
     "nightly": ("nightly-retrain", "Re-collect; retrain only when photos, decisions or settings changed."),
+    "rank-comparison": ("compare-ranks", "Train the reviewed dataset at several ranks and report size, time, "
+                        "identity and style pollution."),
 }
 POOL_SUFFIX = "-gpu-pool"
 TAGS = ["lorapipe"]
@@ -54,7 +57,8 @@ def deployments(defaults: PipelineConfig | None = None, schedule: NightlyConfig 
     params = {"config": form_values(defaults)} if defaults else None
     # Without defaults the nightly run would not know whose photos to collect: it exists, unscheduled.
     cron = Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active and defaults is not None)
-    by_flow = {"pipeline": pipeline, "dataset": dataset_flow, "train": train_flow, "nightly": nightly}
+    by_flow = {"pipeline": pipeline, "dataset": dataset_flow, "train": train_flow, "nightly": nightly,
+               "rank-comparison": rank_comparison}
     return [by_flow[flow].to_deployment(name, description=description, tags=TAGS, parameters=params,
                                       schedules=[cron] if flow == "nightly" else None)
             for flow, (name, description) in DEPLOYMENTS.items()]

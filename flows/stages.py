@@ -20,16 +20,17 @@ from tasks.crop import crop_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
+from tasks.probe import decided, decision_summary, probe_task, recorded_decision
 from tasks.review import review_task
 from tasks.stage import call_stage
 from tasks.train import train_task, trained_run
 from tasks.validate import validate_task
 
-Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "train", "export", "evaluate"]
+Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "probe", "train", "export", "evaluate"]
 
 # Which stage's manifest a stage reads (collect reads the sources; evaluate reads the exported LoRA).
 STAGE_INPUT = {"validate": "collect", "dedup": "validate", "crop": "dedup", "caption": "crop", "review": "caption",
-               "train": "review", "export": "review"}
+               "probe": "review", "train": "review", "export": "review"}
 
 
 def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None, **extra):
@@ -48,6 +49,9 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
             task = caption_task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
         return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
                       "tokenizer_from": config.train.tokenizer_source, **common}
+    if stage == "probe":
+        return probe_task, {"manifest": manifest, "train": config.train, "probe": config.probe, "name": config.name,
+                            "resolution": config.dataset.crop.resolution, **common}
     if stage == "train":
         return train_task, {"manifest": manifest, "config": config.train, "name": config.name,
                             "crop": config.dataset.crop, **common}
@@ -55,10 +59,12 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
         train = extra["train"]
         return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
                              "train_result": train, "train_config": config.train,
-                             "resolution": config.dataset.crop.resolution, **common}
+                             "resolution": config.dataset.crop.resolution,
+                             "update_latest": extra.get("update_latest", True), **common}
     if stage == "evaluate":
         return evaluate_task, {"lora_file": extra["lora_file"], "config": config.evaluate, "train": config.train,
-                               "name": config.name, "resolution": config.dataset.crop.resolution, **common}
+                               "name": config.name, "resolution": config.dataset.crop.resolution,
+                               "manifest": manifest or extra.get("manifest"), **common}
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -80,12 +86,15 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
         lora = ws.loras / f"{slugify(config.name)}.safetensors"
         if not lora.exists():
             raise MissingInput(f"{lora} does not exist: run `lorapipe train` first")
-        return None, {"lora_file": str(lora)}
+        reviewed = ws.latest_manifest("review")  # the person's photos, to measure identity against
+        return (str(reviewed) if reviewed.exists() else None), {"lora_file": str(lora)}
     path = ws.latest_manifest(STAGE_INPUT[stage])
     if not path.exists():
         raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
     if stage == "export":
-        train = trained_run(str(path), str(ws.root), config.train, config.name, config.dataset.crop)
+        probe = recorded_decision(ws, str(path), config)  # train_text_encoders: auto, as the probe decided
+        train_config = decided(config, probe).train if probe else config.train
+        train = trained_run(str(path), str(ws.root), train_config, config.name, config.dataset.crop)
         if train is None:
             raise MissingInput(f"no finished training for {path} with these settings: run `lorapipe train` first")
         return str(path), {"train": train}
@@ -98,8 +107,14 @@ def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     check_run(config)
     ws = Workspace.at(config.workspace_path())
     manifest, extra = input_for(stage, ws, config)
+    if stage in ("train", "export"):  # the probe decides train_text_encoders: auto (cached after its first run)
+        probe, _ = run_stage("probe", config, ws, manifest)
+        config = decided(config, probe)
+        if stage == "export":
+            extra["train"] = {**extra["train"], "text_encoders": decision_summary(probe)}
     result, cached = run_stage(stage, config, ws, manifest, **extra)
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
+        result["text_encoders"] = decision_summary(probe)
         exported, _ = run_stage("export", config, ws, manifest, train=result)
         result = {**result, "exported": exported["lora"], "latest": exported["latest"]}
     return {**result, "cached": cached}

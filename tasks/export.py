@@ -41,6 +41,8 @@ def lineage(records, name: str, train_result: dict, train_config: TrainConfig) -
         "train_config": train_config.model_dump(mode="json"),
         "steps": train_result.get("steps"),
         "final_loss": train_result.get("final_loss"),
+        # Why the text encoders trained or stayed frozen (the probe stage's decision and numbers).
+        "text_encoders": train_result.get("text_encoders"),
         "versions": versions,
     }
 
@@ -88,16 +90,17 @@ CODE = code_version(__name__, "trainer.export", "trainer.kohya")
 
 
 def export_key(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
-               train_config: TrainConfig, resolution: int) -> str:
+               train_config: TrainConfig, resolution: int, update_latest: bool = True) -> str:
     return stage_key("export", CODE, sha256_file(lora_file), sha256_file(manifest), workspace, name, train_config,
-                     resolution)
+                     resolution, update_latest, train_result.get("text_encoders"))
 
 
 def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
-               train_config: TrainConfig, resolution: int) -> dict:
+               train_config: TrainConfig, resolution: int, update_latest: bool = True) -> dict:
+    """`update_latest`: also copy to `<name>.safetensors` (off for the rank comparison's extra LoRAs)."""
     check_trained(lora_file, train_result)
     ws = Workspace.at(workspace)
-    key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution)
+    key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution, update_latest)
     records = trained_records(manifest, train_result)
     facts = lineage(records, name, train_result, train_config)
     stem = f"{slugify(name)}-{key[:8]}"
@@ -105,8 +108,10 @@ def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_r
     metadata = kohya_metadata(train_config, train_result, name, [r.caption for r in records], resolution, facts)
     kohya_file = export_kohya_lora(lora_file, ws.loras / f"{stem}.safetensors", metadata, train_config.alpha,
                                    unet_layers_per_block(train_config))
-    latest = atomic_copy(kohya_file, ws.loras / f"{slugify(name)}.safetensors")
-    atomic_copy(diffusers_file, ws.loras / f"{slugify(name)}.diffusers.safetensors")
+    latest = kohya_file
+    if update_latest:
+        latest = atomic_copy(kohya_file, ws.loras / f"{slugify(name)}.safetensors")
+        atomic_copy(diffusers_file, ws.loras / f"{slugify(name)}.diffusers.safetensors")
     log.info("LoRA written to %s (kohya, %.1f MB) and %s", kohya_file, kohya_file.stat().st_size / 1e6,
              diffusers_file.name)
     return {

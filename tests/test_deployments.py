@@ -80,14 +80,15 @@ def test_serve_builds_the_deployments_named_for_what_they_do_with_the_nightly_sc
     job = PipelineConfig(name="Jane Doe", images="/photos/jane")
     built = deployments(job, NightlyConfig(cron="30 2 * * *", timezone="Europe/Berlin"))
     assert [(d.flow_name, d.name) for d in built] == [("pipeline", "photos-to-lora"), ("dataset", "photos-to-dataset"),
-                                                     ("train", "dataset-to-lora"), ("nightly", "nightly-retrain")]
+                                                     ("train", "dataset-to-lora"), ("nightly", "nightly-retrain"),
+                                                     ("rank-comparison", "compare-ranks")]
     assert [(d.name, d.description) for d in built] == list(DEPLOYMENTS.values())
     assert all(d.parameters == {"config": form_values(job)} for d in built)  # the form's defaults
-    [schedule] = built[-1].schedules
+    [schedule] = built[3].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 2 * * *", "Europe/Berlin",
                                                                                     True)
     # Without a job the nightly run would not know whose photos to collect: it is built unscheduled.
-    [schedule] = deployments(None)[-1].schedules
+    [schedule] = deployments(None)[3].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 3 * * *", "UTC", False)
 
 

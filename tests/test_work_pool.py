@@ -104,8 +104,8 @@ def test_two_pipelines_run_one_per_machine_and_take_turns_on_the_gpu(prefect_ser
     # One run per GPU machine: each worker took one of the two runs (without --limit 1, one took both).
     took = [[str(run_id) for run_id in runs if f"submitting flow run '{run_id}'" in log] for log in logs]
     assert sorted(len(t) for t in took) == [1, 1], took
-    for run_id, tasks in gpu.items():  # both did real GPU work: caption, train, evaluate, none from a cache
-        assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == ["caption", "evaluate", "train"]
+    for run_id, tasks in gpu.items():  # both did real GPU work: caption, probe, train, evaluate, none cached
+        assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == ["caption", "evaluate", "probe", "train"]
         assert all(t.state.name == "Completed" for t in tasks)
     spans = [(t.start_time, t.end_time, t.name) for tasks in gpu.values() for t in tasks]
     for (start_a, end_a, a), (start_b, end_b, b) in combinations(spans, 2):  # README's limit: one GPU slot
