@@ -20,7 +20,7 @@ from prefect.artifacts import MarkdownArtifact, TableArtifact
 
 from flows.summary import evidence_rows, work_done
 from lorapipe.manifest import ImageRecord, read_manifest, rejection_counts
-from lorapipe.plots import data_url, human_size, loss_chart
+from lorapipe.plots import MAX_DATA_URL_CHARS, data_url, human_size, loss_chart
 from lorapipe.workspace import slugify
 from tasks.probe import decision_summary
 from tasks.progress import format_seconds, root_flow_run_id
@@ -126,7 +126,8 @@ def publish_rank_comparison(name: str, report: dict) -> None:
     """The rank comparison's report as `<name>-rank-comparison`: the file's markdown, its grid embedded."""
     markdown = Path(report["markdown"]).read_text(encoding="utf-8")
     with Image.open(report["grid"]) as grid:
-        url = data_url(grid, max_side=2048, photo=True)
+        # Started by hand, not nightly: a larger preview than a run's (a grid of ranks must stay legible).
+        url = data_url(grid, max_side=2048, photo=True, max_chars=4 * MAX_DATA_URL_CHARS)
     markdown = markdown.replace(f"]({Path(report['grid']).name})", f"]({url})")
     publish(MarkdownArtifact(key=f"{slugify(name)}-rank-comparison", markdown=markdown,
                              description=report["verdict"].replace("**", "")[:250]))

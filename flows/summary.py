@@ -26,6 +26,8 @@ def item_counts(stages: dict) -> list[tuple[str, int, int]]:
                   {k.replace("_", " "): v for k, v in stats.items() if isinstance(v, dict) and "computed" in v})
         for what, counts in groups.items():
             new, reused = counts["computed"], counts.get("reused", 0)
+            if not new + reused:  # nothing of that kind this run (text embeddings when the encoders train)
+                continue
             rows.append((what, 0, new + reused) if s.get("cached") else (what, new, reused))
     return rows
 

@@ -126,3 +126,16 @@ def test_progress_is_a_bar_in_a_terminal_and_log_lines_elsewhere(caplog):
             p.update(3, eta_seconds=0)
     assert piped.getvalue() == ""  # no bar drawn into a file or a pipe...
     assert "caption: 3/3 images · ETA 0 s" in caplog.text  # ...the numbers go to the log instead
+
+
+def test_work_done_counts_per_image_not_per_stage():
+    from flows.summary import work_done
+
+    stages = {"collect": {"cached": True, "stats": {"computed": 14, "reused": 0}},
+              "caption": {"cached": False, "stats": {"computed": 3, "reused": 10, "failed": 0}},
+              "train": {"cached": False, "stats": {"latents": {"computed": 3, "reused": 10},
+                                                   "text_embeddings": {"computed": 0, "reused": 0}, "steps": 40}}}
+    # A stage re-used whole re-used all it counted; a kind with nothing counted (text embeddings when the
+    # text encoders train) is left out.
+    assert work_done(stages) == ("files 0 new, 14 re-used; captions 3 new, 10 re-used; latents 3 new, 10 re-used; "
+                                 "stages re-used whole 1 of 3")
