@@ -90,7 +90,9 @@ def test_two_pipelines_run_one_per_machine_and_take_turns_on_the_gpu(prefect_ser
         for person in ("a", "b"):  # two people's photos, started together
             shutil.copytree(demo_photos_master[0], tmp_path / person / "photos")
             config = demo_config(tmp_path / person / "photos", tmp_path / person / "workspace", tiny_models)
-            config.train.epochs = 1  # what is measured is who runs what when, not the LoRA
+            config.train.epochs = 1  # what is measured is who runs what when, not the LoRA: fewest renders too
+            config.evaluate.steps = config.probe.steps = 2
+            config.evaluate.seeds = config.probe.seeds = 1
             runs.append(trigger(client, deployment, {"config": config.model_dump(mode="json", by_alias=True)}))
         finished = [wait_final(client, run_id, timeout=480) for run_id in runs]
         logs = [log.read_text() for log in workers]
