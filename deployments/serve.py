@@ -25,32 +25,43 @@ from flows.rank_comparison import rank_comparison
 from lorapipe.config import NightlyConfig, PipelineConfig
 from lorapipe.errors import UserError
 from lorapipe.policy import POLICY_ENV, ServingPolicy, policy_problems
+from lorapipe.run_form import form_values
 
-NAME = "lorapipe"  # the deployment name under each flow: pipeline/lorapipe, dataset/lorapipe, ...
+# The deployments, named for what they do (the UI lists them by name, the flow's name in small print):
+# flow name → (deployment name, description). deployments/prefect.yaml declares the same ones on the work
+# pool, each name with POOL_SUFFIX (tests/test_deployments.py holds the two to this table). A new
+# deployment: a row here, its flow in `deployments()`, its entry in prefect.yaml.
+DEPLOYMENTS: dict[str, tuple[str, str]] = {
+    "pipeline": ("photos-to-lora", "Photos of a person in, a LoRA out: every stage."),
+    "dataset": ("photos-to-dataset", "Collect → review only: a workspace of approved images."),
+    "train": ("dataset-to-lora", "Train, export and evaluate from a reviewed workspace."),
+    "nightly": ("nightly-retrain", "Re-collect; retrain only when photos, decisions or settings changed."),
+    "rank-comparison": ("compare-ranks", "Train the reviewed dataset at several ranks and report size, time, "
+                        "identity and style pollution."),
+}
+POOL_SUFFIX = "-gpu-pool"
 TAGS = ["lorapipe"]
 GPU_TAG = "gpu"  # the tag of caption, train and evaluate task runs (tasks/*.py)
 
 log = logging.getLogger("lorapipe.serve")
 
 
-def deployments(defaults: PipelineConfig | None = None, schedule: NightlyConfig | None = None, name: str = NAME):
-    """The five deployments (pipeline, dataset, train, nightly, rank-comparison); `defaults` prefill the UI's form (and are the nightly run's parameters)."""
+def deployment_name(flow: str, pool: bool = False) -> str:
+    """`flow/deployment`, as `prefect deployment run` and the API name it: deployment_name("pipeline")."""
+    return f"{flow}/{DEPLOYMENTS[flow][0]}{POOL_SUFFIX if pool else ''}"
+
+
+def deployments(defaults: PipelineConfig | None = None, schedule: NightlyConfig | None = None):
+    """The served deployments; `defaults` prefill the UI's run form (and are the nightly run's parameters)."""
     schedule = schedule or NightlyConfig()
-    params = {"config": defaults.model_dump(mode="json", by_alias=True)} if defaults else None
+    params = {"config": form_values(defaults)} if defaults else None
     # Without defaults the nightly run would not know whose photos to collect: it exists, unscheduled.
     cron = Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active and defaults is not None)
-    return [
-        pipeline.to_deployment(name, description="Photos of a person in, a LoRA out: every stage.", tags=TAGS,
-                               parameters=params),
-        dataset_flow.to_deployment(name, description="Collect → review only: a workspace of approved images.",
-                                   tags=TAGS, parameters=params),
-        train_flow.to_deployment(name, description="Train, export and evaluate from a reviewed workspace.",
-                                 tags=TAGS, parameters=params),
-        nightly.to_deployment(name, description="Re-collect; retrain only when photos, decisions or settings "
-                              "changed.", tags=TAGS, parameters=params, schedules=[cron]),
-        rank_comparison.to_deployment(name, description="Train the reviewed dataset at several ranks and report "
-                                      "size, time, identity and style pollution.", tags=TAGS, parameters=params),
-    ]
+    by_flow = {"pipeline": pipeline, "dataset": dataset_flow, "train": train_flow, "nightly": nightly,
+               "rank-comparison": rank_comparison}
+    return [by_flow[flow].to_deployment(name, description=description, tags=TAGS, parameters=params,
+                                      schedules=[cron] if flow == "nightly" else None)
+            for flow, (name, description) in DEPLOYMENTS.items()]
 
 
 def ensure_gpu_limit(slots: int) -> None:

@@ -18,9 +18,9 @@ from PIL import Image
 from prefect import get_run_logger
 from prefect.artifacts import MarkdownArtifact, TableArtifact
 
-from flows.summary import evidence_rows
+from flows.summary import evidence_rows, work_done
 from lorapipe.manifest import ImageRecord, read_manifest, rejection_counts
-from lorapipe.plots import data_url, human_size, loss_chart
+from lorapipe.plots import MAX_DATA_URL_CHARS, data_url, human_size, loss_chart
 from lorapipe.workspace import slugify
 from tasks.probe import decision_summary
 from tasks.progress import format_seconds, root_flow_run_id
@@ -63,14 +63,15 @@ def caption_rows(records: list[ImageRecord]) -> list[dict]:
     } for r in records if r.kept]
 
 
-def publish_dataset(name: str, manifest: str) -> None:
+def publish_dataset(name: str, manifest: str, stages: dict | None = None) -> None:
     records = read_manifest(manifest)
     kept = [r for r in records if r.kept]
     reasons = ", ".join(f"{k} {n}" for k, n in sorted(rejection_counts(records).items())) or "none"
     buckets = ", ".join(f"{b} ×{n}" for b, n in sorted(Counter(r.bucket for r in kept if r.bucket).items()))
     slug = slugify(name)
     publish(TableArtifact(key=f"{slug}-dataset", table=dataset_rows(records), description=(
-        f"**{len(records)} photos in, {len(kept)} kept**; rejected: {reasons}. Buckets: {buckets or 'none'}.")))
+        f"**{len(records)} photos in, {len(kept)} kept**; rejected: {reasons}. Buckets: {buckets or 'none'}."
+        + (f" Work done: {work_done(stages)}." if stages else ""))))
     review = Counter(r.review for r in kept)
     publish(TableArtifact(key=f"{slug}-captions", table=caption_rows(records), description=(
         f"**{len(kept)} captions**: {review.get('approved', 0)} approved, {review.get('pending', 0)} waiting for "
@@ -81,7 +82,6 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
                      probe: dict | None = None) -> str:
     preflight = train.get("preflight") or {}
     held_out = train.get("held_out_losses") or []
-    cached = [stage for stage, s in stages.items() if s["cached"]]
     rows = [
         ("LoRA (kohya: ComfyUI, A1111, Forge)", f"`{export['lora']}` ({human_size(export['size_bytes'])})"),
         ("LoRA (diffusers)", f"`{export['diffusers']}` ({human_size(Path(export['diffusers']).stat().st_size)})"),
@@ -95,7 +95,7 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
         ("LoRA vs base (mean pixel change)", f"{evaluate['mean_abs_difference']:.2f} / 255"),
         *evidence_rows(evaluate, decision_summary(probe) if probe else None),
         ("sample grid", f"`{evaluate['samples']}`"),
-        ("re-used from cache", ", ".join(cached) or "nothing"),
+        ("work done (per image: new, re-used from cache)", work_done(stages)),
     ]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     return f"# {name}: LoRA ready\n\n| | |\n|---|---|\n{table}\n"
@@ -113,7 +113,7 @@ def publish_training(name: str, train: dict, export: dict, evaluate: dict, stage
         f"# Loss: {name}\n\n![loss curve]({data_url(chart)})\n\n{len(train.get('losses') or [])} optimizer steps, "
         f"final loss {train['final_loss']:.4f}.\n")))
     with Image.open(evaluate["samples"]) as grid:
-        samples = data_url(grid, photo=True)
+        samples = data_url(grid, max_side=768, photo=True)  # a preview: the full grid is the file named below
     prompts = "\n".join(f"- {p}" for p in evaluate.get("prompts", []))
     publish(MarkdownArtifact(key=f"{slug}-samples", description="Top row: base model; bottom row: with the LoRA",
                               markdown=(f"# Samples: {name}\n\nTop row: the base model. Bottom row: the same seeds "
@@ -126,7 +126,8 @@ def publish_rank_comparison(name: str, report: dict) -> None:
     """The rank comparison's report as `<name>-rank-comparison`: the file's markdown, its grid embedded."""
     markdown = Path(report["markdown"]).read_text(encoding="utf-8")
     with Image.open(report["grid"]) as grid:
-        url = data_url(grid, max_side=2048, photo=True)
+        # Started by hand, not nightly: a larger preview than a run's (a grid of ranks must stay legible).
+        url = data_url(grid, max_side=2048, photo=True, max_chars=4 * MAX_DATA_URL_CHARS)
     markdown = markdown.replace(f"]({Path(report['grid']).name})", f"]({url})")
     publish(MarkdownArtifact(key=f"{slugify(name)}-rank-comparison", markdown=markdown,
                              description=report["verdict"].replace("**", "")[:250]))

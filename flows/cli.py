@@ -379,7 +379,7 @@ def serve(
     scale_out_address: List[str] = typer.Option([], help="Dask/Ray scheduler runs may send captioning to (repeat)"),
     allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Let runs set trust_remote_code"),
 ) -> None:
-    """Serve the deployments (pipeline, dataset, train, nightly, rank-comparison) from this process, for the UI.
+    """Serve the five deployments (photos-to-lora, ..., compare-ranks: deployments/serve.py) for the Prefect UI.
 
     Needs a server: `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
     Runs are held to a serving policy fixed here (see README, "A team server"): the folders, addresses,

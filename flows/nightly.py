@@ -3,8 +3,10 @@
 Collecting is cheap (a folder listing, cached downloads); everything after it is skipped when the
 kept photos, the review decisions and the settings are those the last LoRA was trained from
 (lorapipe/retrain.py): the run then ends in seconds with "nothing new" and no GPU stage at all. Otherwise
-it runs the pipeline, where content caching limits the work to the new or changed photos, and where
-captions that need a person suspend the run (holding no worker or GPU) until someone answers.
+it says what changed (photos added or removed, by name; review decisions; settings, old → new) in its logs
+and its `<name>-nightly` artifact, and runs the pipeline, where content caching limits the work to the new
+or changed photos, and where captions that need a person suspend the run (holding no worker or GPU) until
+someone answers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
 from lorapipe.policy import check_run
-from lorapipe.retrain import last_trained, training_fingerprint
+from lorapipe.retrain import last_trained, training_fingerprint, training_inputs, what_changed
 from lorapipe.workspace import Workspace, slugify
 
 NOTHING_NEW = "nothing new"
@@ -41,9 +43,20 @@ def nightly(config: PipelineConfig) -> dict:
         publish(MarkdownArtifact(key=f"{slugify(config.name)}-nightly", description=NOTHING_NEW,
                                   markdown=f"# Nightly retrain: {NOTHING_NEW}\n\n{message}.\n"))
         return {"status": NOTHING_NEW, "message": message, **last}
-    logger.info("new or changed photos, decisions or settings since the last LoRA: running the pipeline")
+    changes = ["no LoRA trained in this workspace yet"] if last is None else what_changed(
+        last, training_inputs(ws, collected["manifest"], config), _reviewed(ws))
+    logger.info("changed since the last LoRA: %s. Running the pipeline", "; ".join(changes))
+    publish(MarkdownArtifact(key=f"{slugify(config.name)}-nightly", description=f"retraining: {changes[0]}",
+                              markdown="# Nightly retrain: retraining\n\nChanged since the last LoRA:\n\n"
+                              + "".join(f"- {change}\n" for change in changes)))
     try:
         result = build_lora(config)  # in this run, not a subflow: it is the run that asks about captions
     except ReviewTimedOut as err:
         return failed_for(err)
-    return {"status": "trained", **result}
+    return {"status": "trained", "changes": changes, **result}
+
+
+def _reviewed(ws: Workspace) -> list:
+    """The latest review manifest's records (they name the images of review decisions), if any."""
+    path = ws.latest_manifest("review")
+    return read_manifest(path) if path.exists() else []

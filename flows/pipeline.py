@@ -13,10 +13,11 @@ from flows.artifacts import publish_dataset, publish_training
 from flows.fanout import fan_out_captions
 from flows.review import ReviewTimedOut, failed_for, settle_review
 from flows.stages import reviewed_manifest, run_stage
+from flows.summary import summary_rows
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
 from lorapipe.policy import check_run
-from lorapipe.retrain import record_trained, training_fingerprint
+from lorapipe.retrain import record_trained, training_fingerprint, training_inputs
 from lorapipe.workspace import Workspace
 from tasks.probe import decided, decision_summary
 
@@ -47,9 +48,10 @@ def dataset_flow(config: PipelineConfig) -> dict:
     result = _record(stages, "caption", *run_stage("caption", config, ws, result["manifest"]))
     captioned = result["manifest"]
     result = _record(stages, "review", *run_stage("review", config, ws, captioned))
-    publish_dataset(config.name, result["manifest"])  # before any wait: the reviewer sees the caption table
+    publish_dataset(config.name, result["manifest"], stages)  # before any wait: the reviewer sees the caption table
     try:
-        result = settle_review(config, ws, result, captioned)  # asks only when this run is the one a person started
+        # asks only when this run is the one a person started
+        result = settle_review(config, ws, result, captioned, stages)
     except ReviewTimedOut as err:
         return failed_for(err)
     return {"workspace": str(ws.root), "manifest": result["manifest"], "collected": collected, "captioned": captioned,
@@ -96,7 +98,7 @@ def build_lora(config: PipelineConfig) -> dict:
     dataset = dataset_flow(config)
     ws = Workspace.at(dataset["workspace"])
     review = {"manifest": dataset["manifest"], "stats": dataset["stages"]["review"]["stats"]}
-    dataset["manifest"] = settle_review(config, ws, review, dataset["captioned"])["manifest"]
+    dataset["manifest"] = settle_review(config, ws, review, dataset["captioned"], dataset["stages"])["manifest"]
     trained = train_flow(config, dataset["manifest"])
     result = {
         "name": config.name,
@@ -114,7 +116,11 @@ def build_lora(config: PipelineConfig) -> dict:
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},
     }
+    logger = get_run_logger()
+    for label, value in summary_rows(result):  # the table `lorapipe run` prints, in this run's logs
+        logger.info("%s: %s", label, value)
     # What this LoRA was trained from: the nightly retrain compares against it (lorapipe/retrain.py).
     record_trained(ws, training_fingerprint(ws, dataset["collected"], config),
-                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")})
+                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")},
+                   training_inputs(ws, dataset["collected"], config))
     return result

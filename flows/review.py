@@ -271,12 +271,14 @@ def ask(ws: Workspace, records: list[ImageRecord], config: ReviewConfig, round_:
     return answer or {}, page, asked
 
 
-def settle_review(config: PipelineConfig, ws: Workspace, review: dict, captioned: str) -> dict:
+def settle_review(config: PipelineConfig, ws: Workspace, review: dict, captioned: str,
+                  stages: dict | None = None) -> dict:
     """Ask a person until no caption waits, or time runs out; returns the last review stage result.
 
     Only the run a person started asks (a subflow leaves it to that run). Each answer's valid parts are
     recorded, the review stage runs again, and whatever still waits is asked again, with the problems of the
-    last answer above the form.
+    last answer above the form. `stages`: the run's stage results so far, for the dataset artifact's work
+    done line.
     """
     from flows.artifacts import publish_dataset
     from flows.stages import run_stage
@@ -314,7 +316,7 @@ def settle_review(config: PipelineConfig, ws: Workspace, review: dict, captioned
         for problem in feedback:
             logger.warning("review answer not applied: %s", problem)
         review, _ = run_stage("review", config, ws, captioned)
-        publish_dataset(config.name, review["manifest"])
+        publish_dataset(config.name, review["manifest"], stages)
         if not feedback and review["stats"]["pending"] >= asked_about:  # (`lorapipe review` may have decided)
             feedback = ["your answer decided nothing: change a caption, Approve All, or pick photos to drop"]
     pause.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 `lorapipe dedup WS` runs the `stage` flow below: one stage as a one-task flow, so a stage run alone is
 cached like the pipeline's and shows up in the Prefect UI when PREFECT_API_URL points at a server
-(ephemeral mode otherwise: no server needed).
+(ephemeral mode otherwise: no server needed). `lorapipe caption WS` sends captioning to the cluster
+`scale_out` names first, as the pipeline does (flows/fanout.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Literal
 
 from prefect import flow
 
+from flows.fanout import fan_out_captions
 from lorapipe.config import PipelineConfig
 from lorapipe.policy import check_run
 from lorapipe.workspace import Workspace, slugify
@@ -124,7 +126,10 @@ def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
         config = decided(config, probe)
         if stage == "export":
             extra["train"] = {**extra["train"], "text_encoders": decision_summary(probe)}
+    fanned = fan_out_captions(ws, manifest, config) if stage == "caption" else None  # scale_out, as the pipeline
     result, cached = run_stage(stage, config, ws, manifest, **extra)
+    if fanned:
+        result = {**result, "fan_out": fanned}
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
         result["text_encoders"] = decision_summary(probe)
         exported, _ = run_stage("export", config, ws, manifest, train=result)

@@ -11,6 +11,33 @@ from lorapipe.manifest import read_manifest, rejection_counts
 from lorapipe.plots import human_size
 
 
+# What a stage's per-item counts ("computed", "reused" in its stats) count, in the words of the summary.
+ITEMS = {"collect": "files", "validate": "checks", "dedup": "hashes", "crop": "crops", "caption": "captions",
+         "caption-fan-out": "captions on the cluster"}
+
+
+def item_counts(stages: dict) -> list[tuple[str, int, int]]:
+    """(what, new, re-used) per kind of per-item work: a stage's own counts, or a stage's groups of them
+    (train: latents, text embeddings). A stage re-used whole re-used every item it counted."""
+    rows = []
+    for stage, s in stages.items():
+        stats = s.get("stats") or {}
+        groups = ({ITEMS.get(stage, stage): stats} if "computed" in stats else
+                  {k.replace("_", " "): v for k, v in stats.items() if isinstance(v, dict) and "computed" in v})
+        for what, counts in groups.items():
+            new, reused = counts["computed"], counts.get("reused", 0)
+            if not new + reused:  # nothing of that kind this run (text embeddings when the encoders train)
+                continue
+            rows.append((what, 0, new + reused) if s.get("cached") else (what, new, reused))
+    return rows
+
+
+def work_done(stages: dict) -> str:
+    """`captions 3 new, 10 re-used; latents 3 new, 10 re-used; ...; stages re-used whole 4 of 9`."""
+    items = [f"{what} {new} new, {reused} re-used" for what, new, reused in item_counts(stages)]
+    return "; ".join([*items, f"stages re-used whole {sum(s['cached'] for s in stages.values())} of {len(stages)}"])
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     records = read_manifest(result["manifest"])
     kept = [r for r in records if r.kept]
@@ -30,7 +57,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("LoRA file", f"{lora.name}: {human_size(result['lora_bytes'])}"),
         ("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"),
         *evidence_rows(result.get("evaluate") or {}, result.get("text_encoders")),
-        ("stages re-used from cache", f"{sum(s['cached'] for s in stages.values())} of {len(stages)}"),
+        ("work done (per image: new, re-used from cache)", work_done(stages)),
     ]
 
 

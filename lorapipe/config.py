@@ -296,6 +296,12 @@ class ScaleOutConfig(Strict):
 
 
 class PipelineConfig(Strict):
+    """Every setting of a run, nested by stage (job.yaml's shape).
+
+    As a flow parameter it is shown as the run form (lorapipe/run_form.py): its JSON schema is the form's,
+    and it validates the form's values as well as its own shape, converting them in one place.
+    """
+
     name: str = Field(description="The person's real name: the trigger in every caption")
     images: str | list[str] = Field(
         description="Where the photos are: folders, zip/tar archives, URL lists (.txt or .csv with a url column), URLs"
@@ -324,6 +330,19 @@ class PipelineConfig(Strict):
         if len(value) > MAX_NAME_CHARS:
             raise ValueError(f"the name is {len(value)} characters long; at most {MAX_NAME_CHARS} (it names files)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_run_form(cls, data):
+        from lorapipe.run_form import is_form, settings_from_form
+
+        return settings_from_form(data) if is_form(data) else data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        from lorapipe.run_form import form_schema
+
+        return form_schema(cls)
 
     def workspace_path(self) -> Path:
         return Path(self.workspace) if self.workspace else Path("workspaces") / slugify(self.name)

@@ -146,13 +146,26 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], column_l
     return sheet
 
 
-def data_url(image: Image.Image, max_side: int = 1024, photo: bool = False) -> str:
-    """A `data:` URL of the image, scaled down to `max_side`: JPEG for photos (small), PNG for charts (crisp)."""
+# Most characters of one image embedded in an artifact. Every run stores its artifacts in the Prefect
+# database for good (a new version per key and run), so what the UI shows stays a preview; the full-size
+# files are in the workspace, and the artifact names them.
+MAX_DATA_URL_CHARS = 100_000
+
+
+def data_url(image: Image.Image, max_side: int = 1024, photo: bool = False,
+             max_chars: int = MAX_DATA_URL_CHARS) -> str:
+    """A `data:` URL of the image, scaled down to `max_side` and then until the URL has at most `max_chars`
+    characters: JPEG for photos (small), PNG for charts (crisp)."""
     image = image.convert("RGB")
-    if max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG" if photo else "PNG", **({"quality": 85} if photo else {"optimize": True}))
     mime = "image/jpeg" if photo else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+    side = min(max_side, max(image.size))
+    while True:
+        scale = side / max(image.size)
+        scaled = image if scale >= 1 else image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        scaled.save(buf, format="JPEG" if photo else "PNG", **({"quality": 85} if photo else {"optimize": True}))
+        url = f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+        if len(url) <= max_chars or side <= 64:
+            return url
+        side = int(side * 0.8)

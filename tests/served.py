@@ -146,3 +146,18 @@ def type_json(page, dialog, title: str, text: str) -> None:
                             "//*[@contenteditable='true']")
     editor.click()
     page.keyboard.insert_text(text)
+
+
+def log_lines(client, run_id) -> dict[str, list[str]]:
+    """What each run's Logs tab shows, read through the API: flow name → "logger | message" lines, for the
+    run and each of its subflows."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    out: dict[str, list[str]] = {}
+    for run in flow_runs_under(client, run_id):
+        flow = client.read_flow(run.flow_id).name
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                                sort=LogSort.TIMESTAMP_ASC)
+        out[flow] = [f"{log.name} | {log.message}" for log in logs]
+    return out

@@ -1,7 +1,8 @@
 """`lorapipe serve` against a real `prefect server start`: runs triggered as the UI triggers them, the run
-form in a real browser, artifacts, idempotent reruns, the nightly schedule, "nothing new", a nightly run
-that suspends for a caption review, notifies, and finishes once a person answers; and the caption review in
-the V2 UI (the log says what to do, photos in the form, a typo sent back) and its timeouts.
+form in a real browser (the V2 UI Prefect serves by default), what a run's Logs tab shows, artifacts,
+idempotent reruns, the nightly schedule, "nothing new" and what changed, a nightly run that suspends for a
+caption review, notifies, and finishes once a person answers; and the caption review in the V2 UI (the log
+says what to do, photos in the form, a typo sent back) and its timeouts.
 
 The tests share one served demo (a module fixture) and run in the order written: the first run trains,
 later ones rely on what it left (as a user's second run would).
@@ -23,14 +24,18 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from PIL import Image
 
 from browser import browser_page
+from deployments.serve import deployment_name
 from flows.demo import demo_config, write_job_file
 from lorapipe.demo_data import extra_photo
 from lorapipe.manifest import read_manifest
+from lorapipe.plots import MAX_DATA_URL_CHARS
 from lorapipe.policy import local_models
-from served import (api, artifacts_of, embedded_images, newest_logs_first, open_resume_form, run_logs, table,
-                    task_runs_under, trigger, type_json, wait_final, wait_for_deployment, wait_until, waiting_run)
+from served import (api, artifacts_of, embedded_images, log_lines, newest_logs_first, open_resume_form, run_logs,
+                    table, task_runs_under, trigger, type_json, wait_final, wait_for_deployment, wait_until,
+                    waiting_run)
 
 pytestmark = pytest.mark.slow
 DOCS = Path(__file__).parent.parent / "docs"
@@ -82,7 +87,7 @@ def served(prefect_server, tiny_models, demo_photos_master, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT)
     try:
         with api(prefect_server) as client:
-            deployments = {f: wait_for_deployment(client, f"{f}/lorapipe", process) for f in FLOWS}
+            deployments = {f: wait_for_deployment(client, deployment_name(f), process) for f in FLOWS}
         yield type("Served", (), {"config": config, "deployments": deployments, "hook": hook, "root": root,
                                   "server": prefect_server, "log": root / "serve.log"})
     finally:
@@ -122,10 +127,21 @@ def test_triggered_pipeline_completes_with_tables_images_and_progress(served, fi
     [curve] = embedded_images(artifacts["jane-doe-loss-curve"].data)
     assert curve.format == "PNG" and curve.size == (720, 400)
     [grid] = embedded_images(artifacts["jane-doe-samples"].data)
-    # Base model over LoRA, 4 samples of 256 px (a prompt with the name and one without, 2 seeds each), plus
-    # the label bands; scaled to 1024 px wide for the artifact.
-    assert grid.format == "JPEG" and grid.width == 1024 and 512 * 1024 / (4 * 256) < grid.height < 600
+    # A preview of the grid file (base model over LoRA, a prompt with the name and one without, 2 seeds each,
+    # 256 px, plus the label bands): the same picture, scaled down to fit the artifact's budget.
+    full = Image.open(re.search(r"\| sample grid \| `([^`]+)` \|", summary).group(1))
+    assert full.size[1] > 512 and grid.format == "JPEG" and grid.width <= 768 < full.width
+    assert abs(grid.width / grid.height - full.width / full.height) < 0.02
     assert "| identity, with the LoRA" in summary and "| style pollution | 1 − SSIM" in summary
+
+    # Per-image work, not whole stages: a first run computed every latent and caption.
+    assert "| work done (per image: new, re-used from cache) | latents 10 new, 0 re-used; stages re-used whole 0 of" \
+        in summary
+    assert "Work done: files 14 new, 0 re-used; " in artifacts["jane-doe-dataset"].description
+    assert "captions 10 new, 0 re-used" in artifacts["jane-doe-dataset"].description
+    # Previews, not full images: every image an artifact embeds fits the budget per run.
+    for key in ("jane-doe-loss-curve", "jane-doe-samples"):
+        assert all(len(url) <= MAX_DATA_URL_CHARS for url in re.findall(r"\(data:image/[^)]+\)", artifacts[key].data))
 
     # Progress artifacts, updated while the stages ran, end at 100 % with the numbers.
     caption, train = artifacts["jane-doe-caption-progress"], artifacts["jane-doe-train-progress"]
@@ -133,23 +149,64 @@ def test_triggered_pipeline_completes_with_tables_images_and_progress(served, fi
     assert train.data == 100 and f"train: {steps}/{steps} steps · epoch 4/4 · loss " in train.description
 
 
+def test_served_run_logs_carry_the_numbers(served, first_run):
+    """What the Logs tabs show: lorapipe's INFO lines (stage numbers, each training step, where the LoRA went),
+    not only its warnings."""
+    with api(served.server) as client:
+        deadline = time.monotonic() + 30  # the run's process sends its last lines as it exits
+        while "LoRA file" not in " ".join((logs := log_lines(client, first_run)).get("pipeline", [])):
+            assert time.monotonic() < deadline, logs
+            time.sleep(1)
+    train, dataset, run = "\n".join(logs["train"]), "\n".join(logs["dataset"]), "\n".join(logs["pipeline"])
+    assert "lorapipe.collect | collected 14 files" in dataset
+    assert "lorapipe.caption | captioning 10 images" in dataset
+    assert "preflight" in train and "lorapipe.export | LoRA written to" in train
+    steps = re.findall(r"step (\d+)/(\d+) +loss \d", train)
+    assert steps and steps[-1][0] == steps[-1][1], train  # every training step, to the last
+    # The run a person started ends with the summary `lorapipe run` prints.
+    assert "prefect.flow_runs | LoRA file: jane-doe-" in run and "work done (per image" in run
+
+
+def field(page, label: str):
+    """The input of the form field labelled `label` (the V2 UI's labels name their input)."""
+    title = page.get_by_text(label, exact=True)
+    return page.locator(f"[id='{title.get_attribute('for')}']")
+
+
 def test_run_form_in_a_browser_starts_a_run_that_completes(served, first_run, tmp_path):
-    """Headless Chromium: the deployment's Run form, a nested setting changed (train → epochs), Submit."""
+    """Headless Chromium, the V2 UI Prefect serves by default: the deployments named for what they do, the
+    Run form with what people change first (Epochs changed), Submit; the run completes with it."""
     deployment = served.deployments["pipeline"]
     started = datetime.now(timezone.utc)
     with browser_page() as page:
-        page.goto(f"{served.server.url}/deployments/deployment/{deployment.id}/run")
-        epochs = page.get_by_text("Epochs (Optional)", exact=True)
-        epochs.wait_for(timeout=60_000)
-        assert "The person's real name: the trigger in every caption" in page.inner_text("body")  # descriptions
+        page.goto(f"{served.server.url}/")  # the UI's front door: Prefect 3.9 sends it to the V2 UI
+        page.wait_for_url("**/v2/**", timeout=60_000)
+        page.goto(f"{served.server.url}/v2/deployments")
+        page.get_by_text("photos-to-lora", exact=True).wait_for(timeout=60_000)
+        listed = page.inner_text("main")
+        assert all(name in listed for name in ("photos-to-dataset", "dataset-to-lora", "nightly-retrain",
+                                               "compare-ranks"))
+        screenshot(page, tmp_path, "deployments.png")
+
+        page.get_by_text("photos-to-lora", exact=True).click()  # its page: Run → Custom run opens the form
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url(f"**/v2/deployments/deployment/{deployment.id}/run**", timeout=60_000)
+        page.get_by_text("Epochs (Optional)", exact=True).wait_for(timeout=60_000)
+        page.set_viewport_size({"width": 1400, "height": 1400})  # the screenshot: to the advanced settings
         page.wait_for_load_state("networkidle")
-        page.wait_for_timeout(1000)  # the form fades in
-        page.screenshot(path=tmp_path / "run-form.png")  # the top of the form: name, photos, workspace...
-        if os.environ.get("LORAPIPE_UPDATE_SCREENSHOTS"):
-            shutil.copy(tmp_path / "run-form.png", DOCS / "run-form.png")
-        field = epochs.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]")
-        assert field.locator("input").input_value() == "4"  # the served job's value, not the recipe's 12
-        field.locator("input").fill("2")
+        text = page.inner_text("main")
+        labels = ["Name", "Photos", "LoRA rank (Optional)", "Epochs (Optional)", "Learning rate (Optional)",
+                  "Captioner (Optional)", "Caption approval (Optional)", "Workspace (Optional)",
+                  "Advanced settings (Optional)", "Training (Optional)", "Images per forward pass (Optional)"]
+        positions = [text.index(f"\n{label}\n") for label in labels]
+        assert positions == sorted(positions), text[:2000]  # what people change first, the rest after
+        assert "Property is type" not in text and "Config (Optional)" not in text  # no None, no class names
+        assert "The person's real name: the trigger in every caption" in text  # descriptions
+        screenshot(page, tmp_path, "run-form.png")  # the top of the form
+        assert field(page, "Epochs (Optional)").input_value() == "4"  # the served job's value, not the recipe's 12
+        assert field(page, "Caption approval (Optional)").inner_text().strip() == "auto"
+        field(page, "Epochs (Optional)").fill("2")
         page.get_by_role("button", name="Submit").click()
         page.wait_for_url(f"**/deployments/deployment/{deployment.id}**", timeout=30_000)
 
@@ -161,9 +218,17 @@ def test_run_form_in_a_browser_starts_a_run_that_completes(served, first_run, tm
         assert re.search(r"\| optimizer steps \| \d+ \(2 epochs\) \|", artifacts["jane-doe-summary"].data)
 
         # The UI shows the loss curve itself (an image inside the artifact), not just a link.
-        page.goto(f"{served.server.url}/artifacts/artifact/{artifacts['jane-doe-loss-curve'].id}")
+        page.goto(f"{served.server.url}/v2/artifacts/artifact/{artifacts['jane-doe-loss-curve'].id}")
         page.get_by_alt_text("loss curve").wait_for(timeout=30_000)
         assert page.get_by_alt_text("loss curve").evaluate("img => img.naturalWidth") == 720
+
+
+def screenshot(page, folder: Path, name: str) -> None:
+    """Into docs/ for README when LORAPIPE_UPDATE_SCREENSHOTS is set."""
+    page.wait_for_timeout(1000)  # the page fades in
+    page.screenshot(path=folder / name)
+    if os.environ.get("LORAPIPE_UPDATE_SCREENSHOTS"):
+        shutil.copy(folder / name, DOCS / name)
 
 
 def wait_for_run_with_epochs(client, deployment_id, epochs: int, since: datetime, timeout: float = 60):
@@ -173,7 +238,7 @@ def wait_for_run_with_epochs(client, deployment_id, epochs: int, since: datetime
     while time.monotonic() < deadline:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
         for run in runs:
-            if run.created >= since and run.parameters["config"]["train"]["epochs"] == epochs:
+            if run.created >= since and run.parameters["config"].get("epochs") == epochs:  # the form's values
                 return run.id
         time.sleep(1)
     raise TimeoutError(f"no run with epochs={epochs} was created from the form")
@@ -193,6 +258,9 @@ def test_same_input_twice_trains_once_and_the_nightly_finds_nothing_new(served, 
         assert wait_final(client, again).state.is_completed()
         gpu = {stage(t): t.state.name for t in gpu_task_runs(client, again)}
         assert gpu == {"caption": "Cached", "probe": "Cached", "train": "Cached", "evaluate": "Cached"}  # no GPU work
+        reused = artifacts_of(client, again)  # ...and the artifacts say so, per image
+        assert "captions 0 new, 10 re-used" in reused["jane-doe-dataset"].description
+        assert "latents 0 new, 10 re-used" in reused["jane-doe-summary"].data
 
         nightly = trigger(client, served.deployments["nightly"])
         run = wait_final(client, nightly)
@@ -268,6 +336,11 @@ def test_new_photo_needing_review_suspends_the_nightly_notifies_and_trains_after
     # Only the new photo was captioned; the LoRA was trained again, on all 11.
     assert "caption: 1/1 images" in artifacts["jane-doe-caption-progress"].description
     assert "| images trained on | 11 |" in artifacts["jane-doe-summary"].data
+    # The nightly run said what changed, and the summary what was computed again: the new photo's work only.
+    changed = artifacts["jane-doe-nightly"].data
+    assert "- photos added: 1 (new_portrait_50.jpg)\n" in changed
+    assert re.search(r'- settings: review.approval "auto" → "all"; train.epochs \d+ → 1\n', changed), changed
+    assert "latents 1 new, 10 re-used;" in artifacts["jane-doe-summary"].data
     records = read_manifest(Path(served.config.workspace) / "manifests" / "review.jsonl")
     new = next(r for r in records if Path(r.source).name == photo.name)
     assert new.review == "approved" and new.reviewed_by == "night-owl"

@@ -20,11 +20,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from deployments.serve import deployment_name
 from flows.cli import app
 from flows.demo import demo_config
 from helpers import sha256_tree
 from lorapipe.config import PipelineConfig
 from lorapipe.errors import UserError
+from lorapipe.run_form import form_values
 from served import api, trigger, wait_final, wait_for_deployment
 
 SECRET = "sk-this-must-never-leave-the-worker"
@@ -175,10 +177,13 @@ def test_runs_started_through_the_api_reach_nothing_beyond_the_policy(prefect_se
     cases = bad_parameters(listener, outside)
     try:
         with api(prefect_server) as client:
-            dataset = wait_for_deployment(client, "dataset/lorapipe", process)
-            train = wait_for_deployment(client, "train/lorapipe", process)
+            dataset = wait_for_deployment(client, deployment_name("dataset"), process)
+            train = wait_for_deployment(client, deployment_name("train"), process)
             runs = {case: trigger(client, dataset, {"config": merged(served, change)})
                     for case, (change, _) in cases.items()}
+            # The run form's values are held to it the same way (the captioner is one of its top fields).
+            form = {**form_values(config), "captioner": str(outside / "model")}
+            runs["captioner outside, from the form"] = trigger(client, dataset, {"config": form})
             runs["manifest outside"] = trigger(client, train, {"config": served,
                                                                "manifest": str(outside / "review.jsonl")})
             # Job variables are the run's to set too; with `serve` they never reach the run's environment.
@@ -194,7 +199,8 @@ def test_runs_started_through_the_api_reach_nothing_beyond_the_policy(prefect_se
         listener.close()
 
     expected = {case: named for case, (_, named) in cases.items()}
-    expected.update({"manifest outside": "manifest: ", "policy unset by job variables": "caption.api_key_env"})
+    expected.update({"manifest outside": "manifest: ", "policy unset by job variables": "caption.api_key_env",
+                     "captioner outside, from the form": "caption.model: "})
     outcomes = {case: (run.state.name, run.state.message or "") for case, run in finals.items()}
     for case, (state, message) in outcomes.items():
         assert state == "Failed" and "refused by this deployment's serving policy" in message, (case, state, message)
