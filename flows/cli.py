@@ -128,7 +128,11 @@ def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Wor
                 raise UserError(f"{remembered}: not valid JSON ({err}); pass --config to replace it") from None
         if config_file:
             saved = deep_merge(saved, read_settings(config_file))
-        saved.setdefault("workspace", str(ws.root))
+        named = saved.get("workspace")
+        if named and Workspace.at_path(named) != ws.root:  # the WORKSPACE argument wins
+            typer.echo(f"lorapipe: working on {ws.root} (the WORKSPACE given), not the workspace "
+                       f"{named} that {config_file or remembered} names", err=True)
+        saved["workspace"] = str(ws.root)
         config = PipelineConfig.model_validate(saved)
     except UserError as err:
         _fail(str(err))

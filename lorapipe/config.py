@@ -366,9 +366,12 @@ def load_config(path: str | Path, **overrides) -> PipelineConfig:
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
+    """`overrides` merged into `base`, section by section. A `None` (YAML `null`, or an empty value) removes
+    the setting, so its default applies again: `vae: null` clears a remembered VAE override."""
     merged = dict(base)
     for key, value in overrides.items():
         if value is None:
+            merged.pop(key, None)
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)

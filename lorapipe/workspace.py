@@ -9,6 +9,7 @@ temp files a killed holder left (`Workspace.remove_stale_temps`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,23 +19,50 @@ from lorapipe.errors import UserError
 from lorapipe.fsutil import file_lock, remove_temps
 
 LOCKS = ".locks"
+# File names are made from the slug (loras/<slug>-<run>.diffusers.safetensors): stay well under 255 bytes.
+MAX_SLUG_CHARS = 120
 # (folder, glob) of the temp files each stage writes outside manifests/ (fsutil.atomic_path names them).
 STAGE_TEMPS = {"collect": [("raw", ".*")], "crop": [("images", ".*.tmp.png")], "review": [("images", ".*.txt.*.tmp")]}
 
 
+def ascii_name(text: str) -> str:
+    """`text` in ASCII letters, transliterated by anyascii: "Zoë Laurent" -> "Zoe Laurent", "Ольга" -> "Ol'ga",
+    "王小明" -> "Wang Xiao Ming" (a syllable of a script without case, such as Chinese or Hangul, is a word)."""
+    from anyascii import anyascii
+
+    out = []
+    for char in text:
+        latin = anyascii(char)
+        caseless = not char.isascii() and char.lower() == char.upper()
+        out.append(f" {latin} " if caseless and latin[:1].isupper() and len(latin) > 1 else latin)
+    return "".join(out)
+
+
 def slugify(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "dataset"
+    """The name as lowercase ASCII words joined by "-", for folders, files and Prefect artifact keys:
+    "Zoë Laurent" -> "zoe-laurent", "王小明" -> "wang-xiao-ming", "Ольга Петрова" -> "olga-petrova".
+
+    A name with nothing to transliterate gets "person-" and a hash of the name: never a name shared by
+    different people.
+    """
+    ascii_text = ascii_name(name).lower().replace("'", "").replace("`", "")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")[:MAX_SLUG_CHARS].strip("-")
+    return slug or f"person-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
 class Workspace:
     root: Path
 
+    @staticmethod
+    def at_path(root: str | Path) -> Path:
+        """The absolute path of the workspace `root` names (nothing is created)."""
+        return Path(root).expanduser().resolve()
+
     @classmethod
     def at(cls, root: str | Path) -> "Workspace":
         """The workspace at `root`, its folders created. Raises UserError if a file is in the way."""
-        ws = cls(Path(root).expanduser().resolve())
+        ws = cls(cls.at_path(root))
         for folder in (ws.root, ws.raw, ws.images, ws.cache, ws.manifests, ws.runs, ws.loras):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"{folder}: is a file; a workspace needs a folder here (choose another workspace)")
