@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +49,27 @@ def slugify(name: str) -> str:
     ascii_text = ascii_name(name).lower().replace("'", "").replace("`", "")
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")[:MAX_SLUG_CHARS].strip("-")
     return slug or f"person-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+# The stem of a training image's name, from its source's file name: letters and digits of any script kept.
+IMAGE_STEM_CHARS = 60
+
+
+def training_image_name(source: str, image_id: str, bucket: str | None = None) -> str:
+    """images/ file name of a training image: its source's name, a short id against collisions, and the
+    bucket when it was re-cropped: `IMG_0042-3f9a1c2e.png`, `IMG_0042-3f9a1c2e-1024x1024.png`.
+
+    A kohya user opening images/ in a caption tool sees which photo is which. `source` is a path, a URL or
+    `archive.zip!/member.jpg`; anything but letters, digits, "_", "-" and "." becomes "-".
+    """
+    from urllib.parse import unquote, urlsplit
+
+    name = source.rsplit("!/", 1)[-1]
+    if "://" in name:
+        name = unquote(urlsplit(name).path)
+    stem = unicodedata.normalize("NFC", name.rsplit("/", 1)[-1]).rsplit(".", 1)[0]
+    stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.")[:IMAGE_STEM_CHARS].strip("-.") or "image"
+    return f"{stem}-{image_id[:8]}{f'-{bucket}' if bucket else ''}.png"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from lorapipe.fsutil import atomic_path
 from lorapipe.images import ALLOWED_FORMATS, to_rgb
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
-from lorapipe.workspace import Workspace
+from lorapipe.workspace import Workspace, training_image_name
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.crop")
@@ -110,6 +110,18 @@ def cropped_fields(record: ImageRecord, plan: dict, image_path: str) -> dict:
     }
 
 
+def retire_id_names(ws: Workspace, image_id: str, dest: Path) -> None:
+    """Images were once named by their full sha256 (images/<id>.png, <id>-<bucket>.png): remove those crops
+    (the cache keeps them), and move a caption sidecar to the new name, so a caption edited by hand is kept."""
+    for old in ws.images.glob(f"{image_id}*"):
+        if old in (dest, dest.with_suffix(".txt")):  # a source itself named by its sha256 (another raw/)
+            continue
+        if old.suffix == ".txt" and not dest.with_suffix(".txt").exists():
+            old.rename(dest.with_suffix(".txt"))
+        elif old.suffix == ".png":
+            old.unlink(missing_ok=True)
+
+
 def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) -> tuple[list, dict]:
     buckets = sdxl_buckets(config.resolution, config.bucket_step)
     cache = ItemCache(ws.cache, "crop")
@@ -119,7 +131,8 @@ def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) 
             out.append(record)
             continue
         bucket = nearest_bucket(record.width, record.height, buckets)
-        dest = ws.images / f"{record.id}.png"
+        dest = ws.images / training_image_name(record.source, record.id)
+        retire_id_names(ws, record.id, dest)
         plan = crop_to_bucket(record, ws, config, bucket, cache, dest)
         scale = plan["scale"]
         flags = [f for f in record.flags if not f.startswith("upscaled")]

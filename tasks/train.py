@@ -30,7 +30,7 @@ from lorapipe.fsutil import atomic_copy, file_lock, remove_temps
 from lorapipe.item_cache import ItemCache
 from lorapipe.lifeline import child_env
 from lorapipe.manifest import ImageRecord, read_manifest, write_manifest
-from lorapipe.workspace import Workspace, slugify
+from lorapipe.workspace import Workspace, slugify, training_image_name
 from tasks.crop import crop_to_bucket, cropped_fields
 from tasks.progress import StageProgress
 from tasks.stage import code_version, manifest_digest, stage_key, stage_task
@@ -78,7 +78,7 @@ def refit_small_buckets(records: list[ImageRecord], ws: Workspace, min_images: i
             continue
         why = (f"bucket {record.bucket} has {counts[record.bucket_size]} image(s), fewer than "
                f"train.min_bucket_images {min_images}")
-        dest = ws.images / f"{record.id}-{bucket_name(target)}.png"
+        dest = ws.images / training_image_name(record.source, record.id, bucket_name(target))
         plan = crop_to_bucket(record, ws, crop, target, cache, dest, face=record.face)
         if record.face and not holds(plan["box"], record.face):
             out.append(record.reject(f"untrainable: its face does not fit a {bucket_name(target)} crop ({why})"))
