@@ -108,11 +108,16 @@ def demo(
 
 
 def _run(config: PipelineConfig) -> None:
+    from flows.checks import ALL_STAGES, check_before_stages
     from flows.pipeline import pipeline
     from flows.summary import print_summary
 
-    with prefect_api():
-        result = pipeline(config)
+    try:
+        check_before_stages(config, ALL_STAGES)  # one line now, not after the CPU stages (no server started)
+        with prefect_api():
+            result = pipeline(config)
+    except UserError as err:
+        _fail(str(err))
     print_summary(result)
 
 
@@ -162,21 +167,20 @@ def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides
     """Run one stage as a one-task flow (cached; visible in the UI when PREFECT_API_URL is set)."""
     from flows.stages import stage_flow
 
+    from flows.checks import check_before_stages
+
     ws, cfg = _workspace_config(workspace, config_file)
     if overrides:
         cfg = cfg.model_copy(update=overrides)
-    # A missing input is a usage error, said before any flow starts.
-    if stage == "collect":
-        from tasks.collect import resolve_sources, source_kind
-
-        try:
-            [source_kind(source) for source in resolve_sources(cfg.images)]
-        except FileNotFoundError as err:
-            _fail(str(err))
-    else:
-        _input_manifest(ws, stage, cfg)
-    with prefect_api():
-        result = stage_flow(stage, cfg)
+    # A missing input, source or model is a usage error, said before any flow (or server) starts.
+    try:
+        check_before_stages(cfg, [stage, "export"] if stage == "train" else [stage])
+        if stage != "collect":
+            _input_manifest(ws, stage, cfg)
+        with prefect_api():
+            result = stage_flow(stage, cfg)
+    except UserError as err:
+        _fail(str(err))
     _print(result)
 
 

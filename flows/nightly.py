@@ -13,13 +13,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import MarkdownArtifact
 
 from flows.artifacts import publish
+from flows.checks import check_before_stages
 from flows.pipeline import pipeline
 from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
-from lorapipe.policy import check_run
 from lorapipe.retrain import last_trained, training_fingerprint
-from lorapipe.workspace import Workspace, slugify
+from lorapipe.workspace import slugify
 
 NOTHING_NEW = "nothing new"
 
@@ -28,8 +28,7 @@ NOTHING_NEW = "nothing new"
 def nightly(config: PipelineConfig) -> dict:
     """Re-collect the photos; retrain only if photos, review decisions or settings changed."""
     logger = get_run_logger()
-    check_run(config)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, ["collect"])  # the models are checked when it decides to train
     collected, _ = run_stage("collect", config, ws)
     last = last_trained(ws)
     if last and last["fingerprint"] == training_fingerprint(ws, collected["manifest"], config):

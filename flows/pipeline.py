@@ -8,12 +8,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_dataset, publish_training
+from flows.checks import ALL_STAGES, DATASET_STAGES, TRAIN_STAGES, check_before_stages
 from flows.fanout import fan_out_captions
 from flows.review import ask_a_person
 from flows.stages import input_for, run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
-from lorapipe.policy import check_run
 from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
 from tasks.review import record_decisions_task
@@ -32,8 +32,8 @@ def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
 @flow(name="dataset")
 def dataset_flow(config: PipelineConfig) -> dict:
     """Collect, validate, dedup, crop, caption and review: a workspace of approved training images."""
-    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
-    ws = Workspace.at(config.workspace_path())
+    # The serving policy, the sources, the workspace and the models, before any stage: one line if not.
+    ws = check_before_stages(config, DATASET_STAGES)
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     stages: dict = {}
     result = _record(stages, "collect", *run_stage("collect", config, ws))
@@ -63,8 +63,7 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
         config: The pipeline's settings (the workspace to train from, and the recipe)
         manifest: A reviewed manifest; empty: the workspace's latest (WORKSPACE/manifests/review.jsonl)
     """
-    check_run(config, manifest)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, TRAIN_STAGES, manifest)
     if manifest is None:
         manifest, _ = input_for("train", ws, config)
     stages: dict = {}
@@ -78,7 +77,7 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
-    check_run(config)
+    check_before_stages(config, ALL_STAGES)  # a missing model fails now, not after the CPU stages
     dataset = dataset_flow(config)
     trained = train_flow(config, dataset["manifest"])
     result = {

@@ -11,8 +11,8 @@ from typing import Literal
 
 from prefect import flow
 
+from flows.checks import check_before_stages
 from lorapipe.config import PipelineConfig
-from lorapipe.policy import check_run
 from lorapipe.workspace import Workspace, slugify
 from tasks.caption import caption_task
 from tasks.collect import collect_task, resolve_sources
@@ -95,8 +95,7 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
 @flow(name="stage", flow_run_name="{stage}")
 def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     """One stage on a workspace, reading the previous stage's latest manifest (`lorapipe <stage> WS`)."""
-    check_run(config)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, [stage, "export"] if stage == "train" else [stage])
     manifest, extra = input_for(stage, ws, config)
     result, cached = run_stage(stage, config, ws, manifest, **extra)
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file

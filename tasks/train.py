@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorapipe.buckets import bucket_name, merge_targets
 from lorapipe.config import CropConfig, TrainConfig
-from lorapipe.errors import UserError
+from lorapipe.errors import TransientError, UserError
 from lorapipe.fsutil import atomic_copy, file_lock, remove_temps
 from lorapipe.item_cache import ItemCache
 from lorapipe.lifeline import child_env
@@ -43,6 +43,8 @@ from trainer.loop import LORA_WEIGHTS
 log = logging.getLogger("lorapipe.train")
 
 RUN_LOCK = ".lock"
+# What torch says when CUDA (or MPS) runs out of memory, in the trainer's last lines.
+OUT_OF_MEMORY = "OutOfMemoryError"
 
 
 def trainable(record: ImageRecord) -> bool:
@@ -179,8 +181,14 @@ def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
         report()  # the last step's progress.json is written after its log line
     if proc.returncode == USER_ERROR_EXIT:  # the trainer refused the job: its one line, never retried
         raise UserError(tail[-1].removeprefix("error: ") if tail else "the trainer refused the job")
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
+    if proc.returncode != 0 and any(OUT_OF_MEMORY in line for line in tail):
+        # The same micro-batch on the same GPU runs out again: one line saying what to change, no retry.
+        c = job.config
+        raise UserError(f"train: out of GPU memory at train.micro_batch_size {c.micro_batch_size}: lower it, or set "
+                        "train.micro_batch_size: auto (the largest that fits)"
+                        + ("" if c.gradient_checkpointing else ", or train.gradient_checkpointing: true"))
+    if proc.returncode != 0:  # a crash or the run's timeout: the retry resumes from the last checkpoint
+        raise TransientError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
     return json.loads((job.run_dir / "train_result.json").read_text())
 
 
