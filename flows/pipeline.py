@@ -85,7 +85,7 @@ def pipeline(config: PipelineConfig) -> dict:
         "workspace": dataset["workspace"],
         "manifest": dataset["manifest"],
         "lora": trained["export"]["lora"],
-        "lora_latest": trained["export"]["latest"],
+        "lora_latest": trained["export"]["lora"],  # one name: loras/<name>.safetensors
         "lora_diffusers": trained["export"]["diffusers"],
         "lora_bytes": trained["export"]["size_bytes"],
         "samples": trained["evaluate"]["samples"],

@@ -19,7 +19,7 @@ from tasks.collect import collect_task, resolve_sources
 from tasks.crop import crop_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
-from tasks.export import export_task
+from tasks.export import export_task, publish_latest
 from tasks.review import review_task
 from tasks.stage import call_stage
 from tasks.train import train_task, trained_run
@@ -65,7 +65,10 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
 def run_stage(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None,
               **extra) -> tuple[dict, bool]:
     task, kwargs = stage_call(stage, config, ws, manifest, **extra)
-    return call_stage(task, ws, **kwargs)
+    result, cached = call_stage(task, ws, **kwargs)
+    if stage == "export":  # loras/<name>.safetensors is this export's, even one from the cache
+        publish_latest(result, config.train.keep_lora_versions)
+    return result, cached
 
 
 class MissingInput(ValueError):
@@ -100,5 +103,6 @@ def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     result, cached = run_stage(stage, config, ws, manifest, **extra)
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
         exported, _ = run_stage("export", config, ws, manifest, train=result)
-        result = {**result, "exported": exported["lora"], "latest": exported["latest"]}
+        result = {**result, "lora": exported["lora"], "diffusers": exported["diffusers"],
+                  "version": exported["version"]}
     return {**result, "cached": cached}

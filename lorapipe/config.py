@@ -211,6 +211,8 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int = Field(
         20, ge=0, le=1_000_000, description="Also checkpoint every N steps (0: epoch ends only)")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Complete checkpoints kept; older ones are pruned")
+    keep_lora_versions: int = Field(
+        2, ge=0, le=1000, description="Earlier exported LoRAs kept in loras/versions/ (0: only loras/<name>.safetensors)")
     sample_prompts: list[str] = Field(
         default_factory=lambda: ["a photo of {name}", "a portrait of {name}, smiling, outdoors"],
         description="Rendered at epoch ends with {name} as the name and as 'a person'",

@@ -20,7 +20,7 @@ from lorapipe.errors import UserError
 from lorapipe.fsutil import file_lock, remove_temps
 
 LOCKS = ".locks"
-# File names are made from the slug (loras/<slug>-<run>.diffusers.safetensors): stay well under 255 bytes.
+# File names are made from the slug (loras/versions/<slug>-<key>.diffusers.safetensors): well under 255 bytes.
 MAX_SLUG_CHARS = 120
 # (folder, glob) of the temp files each stage writes outside manifests/ (fsutil.atomic_path names them).
 STAGE_TEMPS = {"collect": [("raw", ".*")], "crop": [("images", ".*.tmp.png")], "review": [("images", ".*.txt.*.tmp")]}

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -18,7 +16,7 @@ from PIL import Image, ImageOps
 from lorapipe.buckets import bucket_name, nearest_bucket, sdxl_buckets
 from lorapipe.config import CropConfig
 from lorapipe.faces import center_crop, crop_size, detect_faces, face_crop, saliency_crop
-from lorapipe.fsutil import atomic_path
+from lorapipe.fsutil import atomic_link, atomic_path
 from lorapipe.images import ALLOWED_FORMATS, to_rgb
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
@@ -69,16 +67,8 @@ def plan_and_crop(src, dest: Path, width: int, height: int, bucket: tuple[int, i
 
 
 def publish(cached: Path, dest: Path) -> Path:
-    """Put the cached crop at images/<id>.png (a hard link where possible), replacing an older crop."""
-    if dest.exists() and os.path.samefile(cached, dest):
-        return dest
-    with atomic_path(dest, suffix=".png") as tmp:
-        tmp.unlink()
-        try:
-            os.link(cached, tmp)
-        except OSError:  # another file system, or links not allowed
-            shutil.copyfile(cached, tmp)
-    return dest
+    """Put the cached crop at its images/ name (a hard link where possible), replacing an older crop."""
+    return atomic_link(cached, dest, suffix=".png")
 
 
 def crop_to_bucket(record: ImageRecord, ws: Workspace, config: CropConfig, bucket: tuple[int, int],

@@ -57,15 +57,26 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
     result = runner.invoke(app, ["train", str(ws)])
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
-    assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
+    lora = ws / "loras" / "jane-doe.safetensors"  # one name, the one people load
+    assert trained["steps"] >= 2 and trained["lora"] == str(lora)
+    assert sorted(p.name for p in lora.parent.iterdir()) == ["jane-doe.diffusers.safetensors", "jane-doe.safetensors",
+                                                              "versions"]
+    assert lora.samefile(trained["version"]) and lora.stat().st_nlink == 2  # a hard link: no second copy
 
     # export and evaluate run alone too: export writes the trained LoRA again, evaluate renders the grid.
-    for lora in (ws / "loras").iterdir():
-        lora.unlink()
+    shutil.rmtree(ws / "loras")
     result = runner.invoke(app, ["export", str(ws)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["lora"].startswith(str(ws / "loras" / "jane-doe-"))
-    assert (ws / "loras" / "jane-doe.safetensors").exists()
+    assert json.loads(result.stdout)["lora"] == str(lora) and lora.exists()
+    # Each export is a version; train.keep_lora_versions says how many earlier ones stay (here none).
+    keep_none = tmp_path / "keep-none.yaml"
+    keep_none.write_text("train: {keep_lora_versions: 0}\n")
+    result = runner.invoke(app, ["export", str(ws), "--config", str(keep_none)])
+    assert result.exit_code == 0, result.output
+    version = Path(json.loads(result.stdout)["version"])
+    assert sorted(p.name for p in version.parent.iterdir()) == [version.name.replace(".safetensors", ".diffusers"
+                                                                                     ".safetensors"), version.name]
+    assert lora.samefile(version)
     result = runner.invoke(app, ["evaluate", str(ws)])
     assert result.exit_code == 0, result.output
     grid = json.loads(result.stdout)["samples"]
