@@ -345,6 +345,48 @@ def _serving_policy(defaults: Optional[PipelineConfig], policy_file: Optional[Pa
     return with_defaults(policy_from_settings(merged.model_dump(), "serve options"), defaults)
 
 
+server_app = typer.Typer(no_args_is_help=True, help=(
+    "A local Prefect server kept running between commands: stage after stage without a server start each "
+    "time. Without PREFECT_API_URL every command uses it while it runs."))
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    idle_minutes: float = typer.Option(30, min=0.1, help="Stop after this long without a lorapipe command using it"),
+) -> None:
+    """Start a local Prefect server in the background (this Prefect home's database, no UI)."""
+    from lorapipe.local_server import shared_server_state, start_shared_server
+
+    if data := shared_server_state():
+        typer.echo(f"lorapipe: a local Prefect server already runs at {data['url']} (pid {data['pid']})", err=True)
+        return
+    data = start_shared_server(idle_minutes)
+    typer.echo(f"lorapipe: local Prefect server at {data['url']} (pid {data['pid']}); commands without "
+               f"PREFECT_API_URL use it; it stops after {idle_minutes:g} idle minutes, or `lorapipe server stop`",
+               err=True)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server `lorapipe server start` started."""
+    from lorapipe.local_server import stop_shared_server
+
+    data = stop_shared_server()
+    typer.echo(f"lorapipe: stopped the local Prefect server at {data['url']}" if data else
+               "lorapipe: no local Prefect server runs", err=True)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether a local Prefect server runs, and where."""
+    from lorapipe.local_server import shared_server_state
+
+    data = shared_server_state()
+    typer.echo(f"local Prefect server at {data['url']} (pid {data['pid']}, stops after {data['idle_minutes']:g} "
+               "idle minutes)" if data else "no local Prefect server runs")
+
+
 class CurrentStderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time: while a progress bar is drawn, that is rich's proxy,
     which prints the line above the bar instead of through it. (Prefect replaces root handlers whose class

@@ -7,6 +7,7 @@ cached like the pipeline's and shows up in the Prefect UI when PREFECT_API_URL p
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 from prefect import flow
@@ -14,16 +15,10 @@ from prefect import flow
 from flows.checks import check_before_stages
 from lorapipe.config import PipelineConfig
 from lorapipe.workspace import Workspace, slugify
-from tasks.caption import caption_task
-from tasks.collect import collect_task, resolve_sources
-from tasks.crop import crop_task
-from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task, publish_latest
-from tasks.review import review_task
 from tasks.stage import call_stage
-from tasks.train import train_task, trained_run
-from tasks.validate import validate_task
+
+# Each stage's module is imported when the stage runs: `lorapipe dedup WS` loads neither torch nor the
+# trainer (seconds of a cached stage command on 2 cores).
 
 Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "train", "export", "evaluate"]
 
@@ -37,26 +32,34 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
     common = {"workspace": str(ws.root)}
     d = config.dataset
     if stage == "collect":
+        from tasks.collect import collect_task, resolve_sources
+
         return collect_task, {"images": resolve_sources(config.images), "config": d.collect, **common}
     if stage in ("validate", "dedup", "crop"):
-        task = {"validate": validate_task, "dedup": dedup_task, "crop": crop_task}[stage]
+        task = getattr(importlib.import_module(f"tasks.{stage}"), f"{stage}_task")
         return task, {"manifest": manifest, "config": getattr(d, "validate_" if stage == "validate" else stage),
                       **common}
     if stage in ("caption", "review"):
-        task = caption_task if stage == "caption" else review_task
+        task = getattr(importlib.import_module(f"tasks.{stage}"), f"{stage}_task")
         if stage == "caption" and config.caption.backend != "transformers":
-            task = caption_task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
+            task = task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
         return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
                       "tokenizer_from": config.train.tokenizer_source, **common}
     if stage == "train":
+        from tasks.train import train_task
+
         return train_task, {"manifest": manifest, "config": config.train, "name": config.name,
                             "crop": config.dataset.crop, **common}
     if stage == "export":
+        from tasks.export import export_task
+
         train = extra["train"]
         return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
                              "train_result": train, "train_config": config.train,
                              "resolution": config.dataset.crop.resolution, **common}
     if stage == "evaluate":
+        from tasks.evaluate import evaluate_task
+
         return evaluate_task, {"lora_file": extra["lora_file"], "config": config.evaluate, "train": config.train,
                                "name": config.name, "resolution": config.dataset.crop.resolution, **common}
     raise ValueError(f"unknown stage {stage!r}")
@@ -67,6 +70,8 @@ def run_stage(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str
     task, kwargs = stage_call(stage, config, ws, manifest, **extra)
     result, cached = call_stage(task, ws, **kwargs)
     if stage == "export":  # loras/<name>.safetensors is this export's, even one from the cache
+        from tasks.export import publish_latest
+
         publish_latest(result, config.train.keep_lora_versions)
     return result, cached
 
@@ -88,6 +93,8 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
     if not path.exists():
         raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
     if stage == "export":
+        from tasks.train import trained_run
+
         train = trained_run(str(path), str(ws.root), config.train, config.name, config.dataset.crop)
         if train is None:
             raise MissingInput(f"no finished training for {path} with these settings: run `lorapipe train` first")
