@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.errors import UserError
-from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config, read_settings, settings_problems
+from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, read_settings, settings_problems
 from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.local_server import prefect_api
 from lorapipe.policy import ServingPolicy
@@ -52,13 +52,49 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+# The settings `lorapipe run` has a flag for: a problem with one is said in the flag's name.
+FLAGS = {"name": "--name", "images": "--images", "workspace": "--workspace", "train.base_model": "--base-model",
+         "train.vae": "--vae", "caption.model": "--captioner", "train.rank": "--rank", "train.epochs": "--epochs",
+         "train.learning_rate": "--learning-rate", "train.micro_batch_size": "--micro-batch-size",
+         "train.effective_batch_size": "--effective-batch-size"}
+
+
+def _flat(settings: dict, prefix: str = "") -> set[str]:
+    """The dotted names of the settings a nested mapping sets."""
+    names = set()
+    for key, value in settings.items():
+        names |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return names
+
+
+def _blame(err: ValidationError, flagged: set[str], config_file: Optional[Path]) -> str:
+    """Each problem said where it came from: `--epochs 0: ...` for a flag's value, `job.yaml: train.rank:
+    ...` for the file's, `--name is missing (...)` for a required setting nobody gave."""
+    found: dict[str, list] = {}
+    for e in err.errors():  # pydantic names alternatives "constrained-int", "literal['auto']": not settings
+        where = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
+        found.setdefault(where, []).append(e)
+    problems = []
+    for where, errors in found.items():
+        flag, message = FLAGS.get(where), " or ".join(e["msg"] for e in errors)
+        if errors[0]["type"] == "missing":
+            field = PipelineConfig.model_fields.get(where)
+            about = f" ({field.description[0].lower()}{field.description[1:]})" if field and field.description else ""
+            in_file = f", or `{where}:` in {config_file}" if config_file else ""
+            problems.append(f"{flag or where} is missing{about}{in_file}")
+        elif where in flagged and flag:
+            problems.append(f"{flag} {errors[0].get('input')}: {message}")
+        else:
+            problems.append(f"{config_file or 'settings'}: {where}: {message}")
+    return "; ".join(problems)
+
+
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
     try:
-        if config_file:
-            return load_config(config_file, **overrides)
-        return PipelineConfig.model_validate(overrides)
+        settings = deep_merge(read_settings(config_file), overrides) if config_file else overrides
+        return PipelineConfig.model_validate(settings)
     except ValidationError as err:
-        _fail(f"flags: {settings_problems(err)} (see `lorapipe run --help`)")
+        _fail(_blame(err, _flat(overrides), config_file))
     except UserError as err:
         _fail(str(err))
 
@@ -163,7 +199,34 @@ def _print(result: dict) -> None:
     typer.echo(json.dumps({k: v for k, v in result.items() if k not in {"losses"}}, indent=2, default=str))
 
 
-def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides) -> None:
+JSON_HELP = "Print the result as JSON (for scripts) instead of a table"
+
+
+def _report(stage: str, result: dict, as_json: bool) -> None:
+    """What a stage command ends with: a table, as `lorapipe run` ends with one; JSON with --json."""
+    if as_json:
+        _print(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.summary import stage_paths, stage_rows
+
+    done = "re-used from the cache (same input, settings and code)" if result.get("cached") else "done"
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in stage_rows(result):
+        table.add_row(label, value)
+    console = Console()
+    console.print(f"lorapipe {stage}: {done}", soft_wrap=True, highlight=False)
+    if table.row_count:
+        console.print(table)
+    for label, path in stage_paths(result):
+        console.print(f"{label}: {path}", soft_wrap=True, highlight=False)
+
+
+def _stage(stage: str, workspace: Path, config_file: Optional[Path], as_json: bool = False, **overrides) -> None:
     """Run one stage as a one-task flow (cached; visible in the UI when PREFECT_API_URL is set)."""
     from flows.stages import stage_flow
 
@@ -181,7 +244,7 @@ def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides
             result = stage_flow(stage, cfg)
     except UserError as err:
         _fail(str(err))
-    _print(result)
+    _report(stage, result, as_json)
 
 
 @app.command()
@@ -190,17 +253,19 @@ def collect(
     images: Optional[List[str]] = typer.Option(
         None, help="Folder, zip/tar archive, URL list (.txt/.csv) or URL; repeat for several (default: the config's)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings (remembered by the workspace)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Copy photos from folders, archives and URLs into WORKSPACE/raw and write the first manifest."""
     sources = _images(images)
-    _stage("collect", workspace, config, **({"images": sources} if sources else {}))
+    _stage("collect", workspace, config, as_json, **({"images": sources} if sources else {}))
 
 
 def _stage_command(stage: str, doc: str) -> None:
     """`lorapipe <stage> WORKSPACE [--config job.yaml]`: the stages that need nothing but the workspace."""
 
-    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-        _stage(stage, workspace, config)
+    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+                as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+        _stage(stage, workspace, config, as_json)
 
     command.__doc__ = doc
     app.command(name=stage)(command)

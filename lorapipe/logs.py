@@ -33,3 +33,27 @@ def quiet_user_error_tracebacks() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):
             logger.addFilter(OneLineUserErrors())
+
+
+# Environment variables that give a library's own log level back (set one and lorapipe leaves it alone).
+LIBRARY_VERBOSITY_ENV = {"transformers": "TRANSFORMERS_VERBOSITY", "diffusers": "DIFFUSERS_VERBOSITY"}
+
+
+def quiet_libraries(names: tuple[str, ...] = ("transformers", "diffusers")) -> None:
+    """Call before loading models: the libraries' notes that ask nothing of the user stay out of the terminal
+    and the run logs. Seen on every train and evaluate: transformers' "requires torchvision (not installed);
+    falling back to ...Pil" (the PIL processors are the ones lorapipe uses: torchvision is not installed
+    beside the CPU torch wheel on purpose), diffusers' "No LoRA keys associated to CLIPTextModel" (the LoRA
+    has none when the text encoders are frozen), their weight-loading bars (log lines, once captured), and
+    bitsandbytes' kernel hints. Their errors still show; TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY
+    (e.g. `warning`), when set, are left as they are.
+    """
+    import importlib
+    import os
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in names:
+        library = importlib.import_module(f"{name}.utils.logging")
+        library.disable_progress_bar()
+        if not os.environ.get(LIBRARY_VERBOSITY_ENV[name]):
+            library.set_verbosity_error()

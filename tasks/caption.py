@@ -27,7 +27,7 @@ from lorapipe.policy import api_key_problem, caption_destination_problem, curren
 from lorapipe.workspace import Workspace, slugify
 from tasks.progress import StageProgress
 from tasks.stage import (code_version, finish_manifest_stage, manifest_digest, retry_if_transient, stage_key, stage_task,
-                         user_error_for_out_of_memory)
+                         stage_boundary)
 
 log = logging.getLogger("lorapipe.caption")
 
@@ -173,5 +173,5 @@ def run_caption_chunk(manifest: str, workspace: str, config: CaptionConfig, ids:
 
 
 # Not tagged "gpu": the chunks run on the cluster's workers, each with its own GPU (see README, Scale-out).
-caption_chunk_task = task(user_error_for_out_of_memory(run_caption_chunk, "caption-chunk"), name="caption-chunk",
+caption_chunk_task = task(stage_boundary(run_caption_chunk, "caption-chunk"), name="caption-chunk",
                           cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)

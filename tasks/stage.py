@@ -19,6 +19,7 @@ from prefect import task
 
 from lorapipe.errors import UserError, is_out_of_memory, is_permanent, is_retryable
 from lorapipe.fsutil import atomic_copy, sha256_file, stable_hash
+from lorapipe.logs import quiet_libraries
 from lorapipe.manifest import ImageRecord, write_manifest
 from lorapipe.workspace import Workspace
 
@@ -77,13 +78,21 @@ OUT_OF_MEMORY_HINTS: dict[str, Callable[[dict], str]] = {
 }
 
 
-def user_error_for_out_of_memory(fn: Callable, name: str) -> Callable:
-    """`fn`, with torch's out-of-memory error turned into a UserError naming the stage and the setting to
-    change: one line for the person instead of a traceback, and never retried (the same batch on the same
-    GPU runs out again)."""
+# The model libraries a stage loads in this process (their notes and loading bars are quieted first).
+LOADS_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "caption": ("transformers",), "caption-chunk": ("transformers",), "evaluate": ("transformers", "diffusers"),
+}
+
+
+def stage_boundary(fn: Callable, name: str) -> Callable:
+    """`fn` as a stage runs it: the libraries it loads quieted (lorapipe/logs.py), and torch's out-of-memory
+    error turned into a UserError naming the stage and the setting to change: one line for the person
+    instead of a traceback, and never retried (the same batch on the same GPU runs out again)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if name in LOADS_LIBRARIES:
+            quiet_libraries(LOADS_LIBRARIES[name])
         try:
             return fn(*args, **kwargs)
         except Exception as err:
@@ -105,7 +114,7 @@ def stage_task(fn: Callable, key_fn: Callable[..., str], name: str, retries: int
         return f"{name}-{key_fn(**parameters)}"
 
     return task(
-        user_error_for_out_of_memory(fn, name),
+        stage_boundary(fn, name),
         name=name,
         cache_key_fn=cache_key,
         persist_result=True,

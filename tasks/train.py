@@ -34,7 +34,7 @@ from lorapipe.workspace import Workspace, slugify, training_image_name
 from tasks.crop import crop_to_bucket, cropped_fields
 from tasks.progress import StageProgress
 from tasks.stage import code_version, manifest_digest, stage_key, stage_task
-from trainer.__main__ import USER_ERROR_EXIT
+from trainer.__main__ import PLAIN_LOG_ENV, USER_ERROR_EXIT
 from trainer.data import Example, holds, split_holdout
 from trainer.identity import RUN_FILE, describe_changes, run_identity, run_key, weight_settings
 from trainer.job import JOB_FILE, Job
@@ -161,7 +161,7 @@ def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
     job_file = job.write()
     command = trainer_command(job_file, job.config)
     tail: deque[str] = deque(maxlen=30)
-    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1", PLAIN_LOG_ENV: "1"})
     watch = ProgressFile(job.run_dir)
     watch.read_if_changed()  # a resumed run's old progress is not news
     # pass_fds: the trainer holds the run folder's lock too, so it stays locked while either process lives.
@@ -174,8 +174,11 @@ def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
                                 eta_seconds=p["eta_seconds"])
 
         for line in proc.stdout:
-            tail.append(line.rstrip())
-            log.info("%s", line.rstrip())
+            line = line.rstrip().rsplit("\r", 1)[-1]  # a progress bar's last state, if one slipped through
+            if not line.strip():
+                continue
+            tail.append(line)
+            log.info("%s", line)
             report()
         proc.wait()
         report()  # the last step's progress.json is written after its log line

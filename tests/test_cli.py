@@ -51,10 +51,13 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
 
     # A stage reads the latest manifest of the stage before it: rerunning dedup is a no-op.
     before = (ws / "manifests" / "dedup.jsonl").read_bytes()
-    assert runner.invoke(app, ["dedup", str(ws)]).exit_code == 0
-    assert (ws / "manifests" / "dedup.jsonl").read_bytes() == before
+    result = runner.invoke(app, ["dedup", str(ws)])
+    assert result.exit_code == 0 and (ws / "manifests" / "dedup.jsonl").read_bytes() == before
+    # A stage command ends with a table, as `lorapipe run` does (--json gives the result to scripts).
+    assert result.stdout.startswith("lorapipe dedup: re-used from the cache") and "near duplicates" in result.stdout
+    assert f"manifest: {ws / 'manifests' / 'dedup.'}" in result.stdout and "{" not in result.stdout
 
-    result = runner.invoke(app, ["train", str(ws)])
+    result = runner.invoke(app, ["train", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
     lora = ws / "loras" / "jane-doe.safetensors"  # one name, the one people load
@@ -65,28 +68,36 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
 
     # export and evaluate run alone too: export writes the trained LoRA again, evaluate renders the grid.
     shutil.rmtree(ws / "loras")
-    result = runner.invoke(app, ["export", str(ws)])
+    result = runner.invoke(app, ["export", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["lora"] == str(lora) and lora.exists()
     # Each export is a version; train.keep_lora_versions says how many earlier ones stay (here none).
     keep_none = tmp_path / "keep-none.yaml"
     keep_none.write_text("train: {keep_lora_versions: 0}\n")
-    result = runner.invoke(app, ["export", str(ws), "--config", str(keep_none)])
+    result = runner.invoke(app, ["export", str(ws), "--config", str(keep_none), "--json"])
     assert result.exit_code == 0, result.output
     version = Path(json.loads(result.stdout)["version"])
     assert sorted(p.name for p in version.parent.iterdir()) == [version.name.replace(".safetensors", ".diffusers"
                                                                                      ".safetensors"), version.name]
     assert lora.samefile(version)
-    result = runner.invoke(app, ["evaluate", str(ws)])
+    result = runner.invoke(app, ["evaluate", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     grid = json.loads(result.stdout)["samples"]
     assert Path(grid).exists() and Image.open(grid).size == (256, 512)  # base row over LoRA row, one prompt
     shutil.rmtree(ws)
 
 
-def test_run_says_which_setting_is_missing():
+def test_run_says_which_flag_is_missing_or_wrong(tmp_path):
     result = runner.invoke(app, ["run", "--images", "photos"])
-    assert result.exit_code != 0 and "name: Field required" in result.output
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "lorapipe: --name is missing (the person's real name: the trigger in every caption)"
+    job = tmp_path / "job.yaml"
+    job.write_text("name: Jane Doe\nimages: photos\ntrain: {rank: 4}\n")
+    result = runner.invoke(app, ["run", "--config", str(job), "--epochs", "0"])  # the flag's value, not the file's
+    assert result.stderr.strip() == "lorapipe: --epochs 0: Input should be greater than or equal to 1"
+    job.write_text("name: Jane Doe\nimages: photos\ntrain: {rank: 0}\n")
+    result = runner.invoke(app, ["run", "--config", str(job), "--epochs", "3"])
+    assert result.stderr.strip() == f"lorapipe: {job}: train.rank: Input should be greater than or equal to 1"
 
 
 def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
@@ -104,7 +115,8 @@ def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
     ws = tmp_path / "ws"
 
     sources = [tmp_path / "photos", tmp_path / "more.zip", tmp_path / "single.png"]
-    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config)])
+    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config),
+                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stats"] == {"files": 4, "computed": 3, "reused": 0, "rejected": 1}
     records = read_manifest(ws / "manifests" / "collect.jsonl")
@@ -125,7 +137,7 @@ def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefe
         save(photo(900, 800, seed=seed), tmp_path / "photos" / f"{seed}.jpg")
     (tmp_path / "job.yaml").write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
     lorapipe = str(Path(sys.executable).with_name("lorapipe"))
-    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml")],
+    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml"), "--json"],
                           env=prefect_server.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["stats"]["files"] == 2
