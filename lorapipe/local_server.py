@@ -173,10 +173,11 @@ def stop_shared_server(timeout: float = 30) -> dict | None:
 
 
 def _answers(url: str) -> bool:
+    """A gone server refuses at once; a busy one on a loaded machine may take seconds to answer."""
     import httpx
 
     try:
-        return bool(url) and httpx.get(f"{url}/health", timeout=2).status_code == 200
+        return bool(url) and httpx.get(f"{url}/health", timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
 
