@@ -21,6 +21,7 @@ from prefect.schedules import Cron
 
 from flows.nightly import nightly
 from flows.pipeline import dataset_flow, pipeline, train_flow
+from flows.rank_comparison import rank_comparison
 from lorapipe.config import NightlyConfig, PipelineConfig
 from lorapipe.errors import UserError
 from lorapipe.policy import POLICY_ENV, ServingPolicy, policy_problems
@@ -33,7 +34,7 @@ log = logging.getLogger("lorapipe.serve")
 
 
 def deployments(defaults: PipelineConfig | None = None, schedule: NightlyConfig | None = None, name: str = NAME):
-    """The four deployments; `defaults` prefill the UI's form (and are the nightly run's parameters)."""
+    """The five deployments (pipeline, dataset, train, nightly, rank-comparison); `defaults` prefill the UI's form (and are the nightly run's parameters)."""
     schedule = schedule or NightlyConfig()
     params = {"config": defaults.model_dump(mode="json", by_alias=True)} if defaults else None
     # Without defaults the nightly run would not know whose photos to collect: it exists, unscheduled.
@@ -47,7 +48,8 @@ def deployments(defaults: PipelineConfig | None = None, schedule: NightlyConfig 
                                  tags=TAGS, parameters=params),
         nightly.to_deployment(name, description="Re-collect; retrain only when photos, decisions or settings "
                               "changed.", tags=TAGS, parameters=params, schedules=[cron]),
-        # The rank comparison deployment will join these once its flow exists (not built yet).
+        rank_comparison.to_deployment(name, description="Train the reviewed dataset at several ranks and report "
+                                      "size, time, identity and style pollution.", tags=TAGS, parameters=params),
     ]
 
 

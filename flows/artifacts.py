@@ -4,7 +4,8 @@ Every run publishes, on the run a person started (not on the `dataset`/`train` s
 a dataset table (every photo, kept or rejected and why, duplicates, buckets), a caption table (image,
 caption, review status), a markdown summary (steps, time, loss, file sizes, where the LoRA is), and the
 loss curve and the sample grid as images embedded in markdown. Keys are `<name>-dataset`,
-`<name>-captions`, `<name>-summary`, `<name>-loss-curve`, `<name>-samples`, so the Artifacts page
+`<name>-captions`, `<name>-summary`, `<name>-loss-curve`, `<name>-samples` (and `<name>-rank-comparison`
+from the rank comparison), so the Artifacts page
 keeps each person's history. An artifact that cannot be written costs a warning, never the run.
 """
 
@@ -17,10 +18,11 @@ from PIL import Image
 from prefect import get_run_logger
 from prefect.artifacts import MarkdownArtifact, TableArtifact
 
-from flows.summary import human_size
+from flows.summary import evidence_rows
 from lorapipe.manifest import ImageRecord, read_manifest, rejection_counts
-from lorapipe.plots import data_url, loss_chart
+from lorapipe.plots import data_url, human_size, loss_chart
 from lorapipe.workspace import slugify
+from tasks.probe import decision_summary
 from tasks.progress import format_seconds, root_flow_run_id
 
 
@@ -75,7 +77,8 @@ def publish_dataset(name: str, manifest: str) -> None:
         f"a person, {review.get('rejected', 0)} dropped.")))
 
 
-def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stages: dict) -> str:
+def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stages: dict,
+                     probe: dict | None = None) -> str:
     preflight = train.get("preflight") or {}
     held_out = train.get("held_out_losses") or []
     cached = [stage for stage, s in stages.items() if s["cached"]]
@@ -89,6 +92,7 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
         ("final loss", f"{train['final_loss']:.4f}"),
         ("held-out loss by epoch", ", ".join(f"{v:.4f}" for v in held_out) or "not measured (small dataset)"),
         ("LoRA vs base (mean pixel change)", f"{evaluate['mean_abs_difference']:.2f} / 255"),
+        *evidence_rows(evaluate, decision_summary(probe) if probe else None),
         ("sample grid", f"`{evaluate['samples']}`"),
         ("re-used from cache", ", ".join(cached) or "nothing"),
     ]
@@ -96,9 +100,11 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
     return f"# {name}: LoRA ready\n\n| | |\n|---|---|\n{table}\n"
 
 
-def publish_training(name: str, train: dict, export: dict, evaluate: dict, stages: dict) -> None:
+def publish_training(name: str, train: dict, export: dict, evaluate: dict, stages: dict,
+                     probe: dict | None = None) -> None:
     slug = slugify(name)
-    publish(MarkdownArtifact(key=f"{slug}-summary", markdown=summary_markdown(name, train, export, evaluate, stages),
+    publish(MarkdownArtifact(key=f"{slug}-summary", markdown=summary_markdown(name, train, export, evaluate, stages,
+                                                                              probe),
                               description=f"{name}: {train.get('steps')} steps, final loss {train['final_loss']:.4f}"))
     epochs = (train.get("preflight") or {}).get("epochs")
     chart = loss_chart(train.get("losses") or [], train.get("held_out_losses"), epochs)
@@ -110,5 +116,16 @@ def publish_training(name: str, train: dict, export: dict, evaluate: dict, stage
     prompts = "\n".join(f"- {p}" for p in evaluate.get("prompts", []))
     publish(MarkdownArtifact(key=f"{slug}-samples", description="Top row: base model; bottom row: with the LoRA",
                               markdown=(f"# Samples: {name}\n\nTop row: the base model. Bottom row: the same seeds "
-                                        f"with the LoRA.\n\n![sample grid]({samples})\n\nPrompts, left to right:\n\n"
-                                        f"{prompts}\n\nFull size: `{evaluate['samples']}`\n")))
+                                        f"with the LoRA (each row and column is labelled in the picture).\n\n"
+                                        f"![sample grid]({samples})\n\nPrompts with the name:\n\n{prompts}\n\n"
+                                        f"Full size: `{evaluate['samples']}`\n")))
+
+
+def publish_rank_comparison(name: str, report: dict) -> None:
+    """The rank comparison's report as `<name>-rank-comparison`: the file's markdown, its grid embedded."""
+    markdown = Path(report["markdown"]).read_text(encoding="utf-8")
+    with Image.open(report["grid"]) as grid:
+        url = data_url(grid, max_side=2048, photo=True)
+    markdown = markdown.replace(f"]({Path(report['grid']).name})", f"]({url})")
+    publish(MarkdownArtifact(key=f"{slugify(name)}-rank-comparison", markdown=markdown,
+                             description=report["verdict"].replace("**", "")[:250]))

@@ -346,6 +346,64 @@ for _name, _doc in {
     _stage_command(_name, _doc)
 
 
+@app.command(name="compare-ranks")
+def compare_ranks(
+    workspace: Path,
+    ranks: Optional[List[int]] = typer.Option(None, "--rank", help="A rank to train (repeat; default 4 8 16 64 128)"),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", help="Another kohya LoRA file to measure (repeat)"),
+    resize_to: Optional[List[int]] = typer.Option(
+        None, "--resize-to", help="Also resize the largest trained rank to this rank by SVD (repeat)"),
+    text_encoders: Optional[str] = typer.Option(
+        None, help="decided (as the probe says) or both (each rank with and without text-encoder LoRA)"),
+    tolerance: Optional[float] = typer.Option(None, help="Identity distance within which a rank counts as good "
+                                                         "enough (default 0.03)"),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Train the reviewed dataset at several ranks and compare them: size, time, identity, style pollution.
+
+    Writes WORKSPACE/reports/rank-comparison.md (and a Prefect artifact) naming the smallest good rank.
+    """
+    from flows.checks import TRAIN_STAGES, check_before_stages
+    from flows.rank_comparison import rank_comparison
+    from lorapipe.config import RankComparisonConfig
+
+    ws, cfg = _workspace_config(workspace, config)
+    manifest = _input_manifest(ws, "train", cfg)
+    check_before_stages(cfg, TRAIN_STAGES, manifest)  # a missing model: one line, before a server starts
+    try:
+        comparison = RankComparisonConfig.model_validate(_overrides(
+            ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
+            resize_to=list(resize_to) if resize_to else None, text_encoders=text_encoders, tolerance=tolerance))
+    except ValidationError as err:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    for path in comparison.loras:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such LoRA file (--lora)")
+    with prefect_api():
+        report = rank_comparison(cfg, comparison, manifest)
+    typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)
+    _print({k: report[k] for k in ("verdict", "smallest_good_rank", "markdown", "grid", "json")})
+
+
+@app.command()
+def resize(
+    lora: Path,
+    rank: int = typer.Option(..., "--rank", help="The new rank (e.g. 4)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default LORA-rankN.safetensors)"),
+) -> None:
+    """Resize a kohya-format SDXL LoRA to a lower rank by SVD; reports the energy kept per module and overall."""
+    from trainer.resize import resize_lora
+
+    dest = out or lora.with_name(f"{lora.stem}-rank{rank}.safetensors")
+    report = resize_lora(lora, dest, rank)
+    per_module = atomic_write_json(dest.with_name(f"{dest.stem}.resize.json"), report.to_json())
+    for m in report.least_kept(5):
+        typer.echo(f"  {m.energy_kept:7.2%} kept  {m.module} (rank {m.rank} → {m.new_rank})", err=True)
+    _print({"lora": str(dest), "from_rank": report.from_rank, "to_rank": report.to_rank,
+            "energy_kept": round(report.energy_kept, 6), "modules": len(report.modules), "per_module": str(per_module),
+            "least_kept": {m.module: round(m.energy_kept, 6) for m in report.least_kept(5)}})
+
+
 @app.command()
 def serve(
     config: Optional[Path] = typer.Option(
@@ -370,7 +428,7 @@ def serve(
     scale_out_address: List[str] = typer.Option([], help="Dask/Ray scheduler runs may send captioning to (repeat)"),
     allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Let runs set trust_remote_code"),
 ) -> None:
-    """Serve the deployments (pipeline, dataset, train, nightly) from this process, for the Prefect UI.
+    """Serve the deployments (pipeline, dataset, train, nightly, rank-comparison) from this process, for the UI.
 
     Needs a server: `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
     Runs are held to a serving policy fixed here (see README, "A team server"): the folders, addresses,

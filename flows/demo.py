@@ -31,7 +31,9 @@ def demo_config(photos: Path, workspace: Path, models: TinyModels) -> PipelineCo
                 "sample_steps": 8,
                 "device": "cpu",
             },
-            "evaluate": {"steps": 8, "prompts": ["a photo of {name} smiling outdoors"]},
+            "evaluate": {"steps": 8, "prompts": ["a photo of {name} smiling outdoors"],
+                         "style_prompts": ["a photo of a person in a park"]},
+            "probe": {"steps": 8, "seeds": 2},
         }
     )
 

@@ -5,7 +5,9 @@ chunks of `scale_out.chunk_size`; a subflow running on prefect-dask's task runne
 the cluster's workers (each loads the VLM once per chunk) into the workspace's per-image cache, which
 must therefore be on storage the workers share. The caption stage that follows then finds every answer
 cached and only finishes the captions. A task per chunk keeps the Prefect database small (a task run
-costs ~20 KB) and the model loads few.
+costs ~20 KB) and the model loads few. Images the workers got no usable caption for are handed to the caption
+stage through its failure log (tasks/caption.py), not asked twice in one run; a chunk task is not retried on
+a failure no retry can fix (a missing dependency, a rejected key).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def caption_fan_out(manifest: str, workspace: str, config: CaptionConfig, ids: l
                                      config=unmapped(config), ids=chunks)
     results = [f.result() for f in futures]
     stats = {"chunks": len(chunks), "images": sum(r["images"] for r in results),
-             "computed": sum(r["computed"] for r in results), "worker_pids": sorted({r["pid"] for r in results})}
-    get_run_logger().info("captioned %d images in %d chunks on %d workers", stats["computed"], len(chunks),
-                          len(stats["worker_pids"]))
+             "computed": sum(r["computed"] for r in results), "failed": sum(r["failed"] for r in results),
+             "worker_pids": sorted({r["pid"] for r in results})}
+    get_run_logger().info("captioned %d images in %d chunks on %d workers (%d without a usable caption)",
+                          stats["computed"], len(chunks), len(stats["worker_pids"]), stats["failed"])
     return stats
 
 

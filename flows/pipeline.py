@@ -16,6 +16,7 @@ from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
 from lorapipe.retrain import record_trained, training_fingerprint
 from lorapipe.workspace import Workspace
+from tasks.probe import decided, decision_summary
 from tasks.review import record_decisions_task
 
 
@@ -67,11 +68,15 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
     if manifest is None:
         manifest, _ = input_for("train", ws, config)
     stages: dict = {}
+    # train_text_encoders: auto → the probe renders the name with the base model and decides.
+    probe = _record(stages, "probe", *run_stage("probe", config, ws, manifest))
+    config = decided(config, probe)
     train = _record(stages, "train", *run_stage("train", config, ws, manifest))
+    train["text_encoders"] = decision_summary(probe)  # into the LoRA's metadata
     export = _record(stages, "export", *run_stage("export", config, ws, manifest, train=train))
-    evaluate = _record(stages, "evaluate", *run_stage("evaluate", config, ws, lora_file=export["lora"]))
-    publish_training(config.name, train, export, evaluate, stages)
-    return {"train": train, "export": export, "evaluate": evaluate, "stages": stages}
+    evaluate = _record(stages, "evaluate", *run_stage("evaluate", config, ws, manifest, lora_file=export["lora"]))
+    publish_training(config.name, train, export, evaluate, stages, probe)
+    return {"train": train, "export": export, "evaluate": evaluate, "probe": probe, "stages": stages}
 
 
 @flow(name="pipeline")
@@ -90,6 +95,8 @@ def pipeline(config: PipelineConfig) -> dict:
         "lora_bytes": trained["export"]["size_bytes"],
         "samples": trained["evaluate"]["samples"],
         "mean_abs_difference": trained["evaluate"]["mean_abs_difference"],
+        "evaluate": trained["evaluate"],
+        "text_encoders": decision_summary(trained["probe"]),
         "steps": trained["train"]["steps"],
         "final_loss": trained["train"]["final_loss"],
         "stages": {**dataset["stages"], **trained["stages"]},

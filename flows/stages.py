@@ -20,11 +20,11 @@ from tasks.stage import call_stage
 # Each stage's module is imported when the stage runs: `lorapipe dedup WS` loads neither torch nor the
 # trainer (seconds of a cached stage command on 2 cores).
 
-Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "train", "export", "evaluate"]
+Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "probe", "train", "export", "evaluate"]
 
 # Which stage's manifest a stage reads (collect reads the sources; evaluate reads the exported LoRA).
 STAGE_INPUT = {"validate": "collect", "dedup": "validate", "crop": "dedup", "caption": "crop", "review": "caption",
-               "train": "review", "export": "review"}
+               "probe": "review", "train": "review", "export": "review"}
 
 
 def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None, **extra):
@@ -45,6 +45,11 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
             task = task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
         return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
                       "tokenizer_from": config.train.tokenizer_source, **common}
+    if stage == "probe":
+        from tasks.probe import probe_task
+
+        return probe_task, {"manifest": manifest, "train": config.train, "probe": config.probe, "name": config.name,
+                            "resolution": config.dataset.crop.resolution, **common}
     if stage == "train":
         from tasks.train import train_task
 
@@ -56,12 +61,14 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
         train = extra["train"]
         return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
                              "train_result": train, "train_config": config.train,
-                             "resolution": config.dataset.crop.resolution, **common}
+                             "resolution": config.dataset.crop.resolution,
+                             "update_latest": extra.get("update_latest", True), **common}
     if stage == "evaluate":
         from tasks.evaluate import evaluate_task
 
         return evaluate_task, {"lora_file": extra["lora_file"], "config": config.evaluate, "train": config.train,
-                               "name": config.name, "resolution": config.dataset.crop.resolution, **common}
+                               "name": config.name, "resolution": config.dataset.crop.resolution,
+                               "manifest": manifest or extra.get("manifest"), **common}
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -69,7 +76,7 @@ def run_stage(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str
               **extra) -> tuple[dict, bool]:
     task, kwargs = stage_call(stage, config, ws, manifest, **extra)
     result, cached = call_stage(task, ws, **kwargs)
-    if stage == "export":  # loras/<name>.safetensors is this export's, even one from the cache
+    if stage == "export" and extra.get("update_latest", True):  # loras/<name>.safetensors: this export's, cached or not
         from tasks.export import publish_latest
 
         publish_latest(result, config.train.keep_lora_versions)
@@ -88,14 +95,18 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
         lora = ws.loras / f"{slugify(config.name)}.safetensors"
         if not lora.exists():
             raise MissingInput(f"{lora} does not exist: run `lorapipe train` first")
-        return None, {"lora_file": str(lora)}
+        reviewed = ws.latest_manifest("review")  # the person's photos, to measure identity against
+        return (str(reviewed) if reviewed.exists() else None), {"lora_file": str(lora)}
     path = ws.latest_manifest(STAGE_INPUT[stage])
     if not path.exists():
         raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
     if stage == "export":
+        from tasks.probe import decided, recorded_decision
         from tasks.train import trained_run
 
-        train = trained_run(str(path), str(ws.root), config.train, config.name, config.dataset.crop)
+        probe = recorded_decision(ws, str(path), config)  # train_text_encoders: auto, as the probe decided
+        train_config = decided(config, probe).train if probe else config.train
+        train = trained_run(str(path), str(ws.root), train_config, config.name, config.dataset.crop)
         if train is None:
             raise MissingInput(f"no finished training for {path} with these settings: run `lorapipe train` first")
         return str(path), {"train": train}
@@ -107,8 +118,16 @@ def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     """One stage on a workspace, reading the previous stage's latest manifest (`lorapipe <stage> WS`)."""
     ws = check_before_stages(config, [stage, "export"] if stage == "train" else [stage])
     manifest, extra = input_for(stage, ws, config)
+    if stage in ("train", "export"):  # the probe decides train_text_encoders: auto (cached after its first run)
+        from tasks.probe import decided, decision_summary
+
+        probe, _ = run_stage("probe", config, ws, manifest)
+        config = decided(config, probe)
+        if stage == "export":
+            extra["train"] = {**extra["train"], "text_encoders": decision_summary(probe)}
     result, cached = run_stage(stage, config, ws, manifest, **extra)
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
+        result["text_encoders"] = decision_summary(probe)
         exported, _ = run_stage("export", config, ws, manifest, train=result)
         result = {**result, "lora": exported["lora"], "diffusers": exported["diffusers"],
                   "version": exported["version"]}

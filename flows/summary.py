@@ -8,14 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorapipe.manifest import read_manifest, rejection_counts
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+from lorapipe.plots import human_size
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
@@ -36,8 +29,25 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("final loss", f"{result['final_loss']:.4f}"),
         ("LoRA file", f"{lora.name}: {human_size(result['lora_bytes'])}"),
         ("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"),
+        *evidence_rows(result.get("evaluate") or {}, result.get("text_encoders")),
         ("stages re-used from cache", f"{sum(s['cached'] for s in stages.values())} of {len(stages)}"),
     ]
+
+
+def evidence_rows(evaluate: dict, text_encoders: dict | None) -> list[tuple[str, str]]:
+    """The measured rows: text-encoder decision, identity (base model, with the LoRA), style pollution."""
+    from tasks.evaluate import identity_line, pollution_line
+
+    rows = []
+    if text_encoders:
+        verdict = "trained" if text_encoders["train_text_encoders"] else "frozen"
+        rows.append(("text encoders", f"{verdict}: {text_encoders['reason']}"))
+    if evaluate:
+        against = f" (vs {evaluate.get('reference_photos', 0)} {evaluate.get('references', 'photos')})"
+        rows += [("identity, base model" + against, identity_line(evaluate, "base")),
+                 ("identity, with the LoRA" + against, identity_line(evaluate, "lora")),
+                 ("style pollution", pollution_line(evaluate))]
+    return rows
 
 
 def print_summary(result: dict, console: Console | None = None) -> None:

@@ -133,6 +133,11 @@ class CaptionConfig(Strict):
     api_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once")
     api_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="Per request")
     api_max_retries: int = Field(5, ge=0, le=20, description="Retries on 429, 5xx and timeouts")
+    api_image_max_side: int | None = Field(
+        None, ge=64, le=8192, description="Longest side of the images sent, in px; empty: what the model reads "
+        "(OpenAI: short side 768; Gemma 3: 896; LLaVA: 672; others 1024)")
+    api_image_detail: Literal["low", "high", "auto"] | None = Field(
+        None, description="OpenAI's image detail; empty: high for OpenAI's API, not sent to other servers")
 
     @model_validator(mode="after")
     def no_pickle_model(self) -> "CaptionConfig":
@@ -202,7 +207,9 @@ class TrainConfig(Strict):
     min_snr_gamma: float | None = Field(
         None, gt=0, le=100, description="Min-SNR loss weighting, e.g. 5.0 (off when empty)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Noise offset, e.g. 0.0357 for darker darks")
-    train_text_encoders: bool = Field(False, description="LoRA on both text encoders, for people SDXL doesn't know")
+    train_text_encoders: bool | Literal["auto"] = Field(
+        "auto", description="LoRA on both text encoders, for people SDXL doesn't know; auto: the probe stage "
+        "renders the name with the base model and decides (a face like the photos: frozen; none: trained)")
     text_encoder_lr: float = Field(
         4e-5, gt=0, le=1, description="Learning rate of the CLIP ViT-L text encoder's LoRA")
     text_encoder_2_lr: float = Field(
@@ -252,6 +259,29 @@ class EvaluateConfig(Strict):
     seed: int = Field(1234, ge=0, le=SEED_MAX, description="Seed of the first prompt's noise (+1 for each next)")
     steps: int = Field(25, ge=1, le=1000, description="Sampling steps")
     guidance_scale: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance scale")
+    seeds: int = Field(2, ge=1, le=64, description="Seeds per prompt (identity mean and spread are over them all)")
+    style_prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of a person in a park", "a city street at golden hour"],
+        description="Prompts without the name: how much the LoRA changes them is its style pollution",
+    )
+    max_reference_photos: int = Field(
+        32, ge=1, le=1000, description="Photos of the person whose faces the samples are measured against "
+        "(held-out first)")
+
+
+class ProbeConfig(Strict):
+    """Does the base model know this person? Decides train.train_text_encoders when it is auto."""
+
+    prompt: str = Field("a photo of {name}", description="Rendered with the base model; {name} is the person's name")
+    seeds: int = Field(4, ge=1, le=64, description="Renders of the prompt, one seed each")
+    steps: int = Field(25, ge=1, le=1000, description="Sampling steps")
+    guidance_scale: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance scale")
+    seed: int = Field(4321, ge=0, le=SEED_MAX, description="Seed of the first render (+1 for each next)")
+    known_distance: float = Field(
+        0.6, gt=0, le=2, description="Mean face distance to the photos below which the person counts as known "
+        "(dlib's same-person threshold)")
+    min_face_share: float = Field(
+        0.5, ge=0, le=1, description="Share of renders that must show a face to call the person known")
 
 
 class ScaleOutConfig(Strict):
@@ -279,6 +309,7 @@ class PipelineConfig(Strict):
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     scale_out: ScaleOutConfig = Field(default_factory=ScaleOutConfig)
 
     @field_validator("name")
@@ -298,6 +329,22 @@ class PipelineConfig(Strict):
 
     def workspace_path(self) -> Path:
         return Path(self.workspace) if self.workspace else Path("workspaces") / slugify(self.name)
+
+
+class RankComparisonConfig(Strict):
+    """The same reviewed dataset trained at several ranks, each LoRA measured the same way."""
+
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 64, 128], min_length=1,
+                             description="LoRA ranks to train (alpha as in train.alpha)")
+    text_encoders: Literal["decided", "both"] = Field(
+        "decided", description="decided: as the probe (or train.train_text_encoders) says; both: each rank with "
+        "and without text-encoder LoRA")
+    loras: list[str] = Field(default_factory=list, description="Other kohya-format LoRA files of this person to "
+                             "measure alongside (someone else's 64-dim file, a resized one)")
+    resize_to: list[int] = Field(default_factory=list, description="Also resize the largest trained rank to these "
+                                 "ranks by SVD and measure those files")
+    tolerance: float = Field(0.03, ge=0, description="A rank whose mean face distance is within this of the best "
+                             "counts as good enough (dlib distance; photos of one person spread ~0.05-0.1)")
 
 
 class NightlyConfig(Strict):

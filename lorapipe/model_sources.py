@@ -24,7 +24,7 @@ from lorapipe.policy import is_local_model
 
 HUB_TIMEOUT_SECONDS = 8.0
 # The stages that load each kind of model.
-LOADS_BASE_MODEL = {"train", "export", "evaluate"}  # export reads the UNet's config for kohya's block names
+LOADS_BASE_MODEL = {"probe", "train", "export", "evaluate"}  # export reads the UNet's config for kohya's block names
 LOADS_CAPTIONER = {"caption"}
 COUNTS_TOKENS = {"caption", "review"}  # captions are cut to 75 CLIP tokens with the base model's tokenizer
 

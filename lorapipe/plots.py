@@ -1,4 +1,5 @@
-"""Pictures for people: the loss curve drawn with Pillow (no plotting library), images as data URLs.
+"""Pictures for people: the loss curve and labelled sample grids drawn with Pillow (no plotting
+library), images as data URLs.
 
 The Prefect UI renders a markdown artifact's `![](data:image/...)` (checked in headless Chromium), so
 an image travels inside the artifact itself: nothing to host, nothing for the server to fetch.
@@ -13,6 +14,15 @@ import math
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+
+def human_size(n: int) -> str:
+    """Bytes for people: 42.6 MB (powers of 1000, as file managers show them)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _font(size: int):
@@ -84,6 +94,56 @@ def loss_chart(losses: list[float], held_out: list[float] | None = None, epochs:
         dots["held-out loss"] = [(round(per_epoch * (e + 1)), v) for e, v in enumerate(held_out)]
     return line_chart({"training loss": [(i + 1, v) for i, v in enumerate(losses)]}, dots, "Loss", "optimizer step",
                       "loss")
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
+    """Words of `text` in at most `lines` lines of `width` pixels (the last one cut with an ellipsis)."""
+    out, words = [], text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        out.append(line)
+    if words:
+        out[-1] = _fit(draw, out[-1] + " " + " ".join(words), font, width)
+    return [_fit(draw, line, font, width) for line in out]
+
+
+def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
+                  title: str = "") -> Image.Image:
+    """Images in rows and columns, with a title band, a label above each column (the prompt, the seed)
+    and one left of each row (base model / with the LoRA, rank, epoch): the picture says what it shows
+    even when read outside the UI. Cells take the first image's size; row labels wrap to fit."""
+    w, h = rows[0][0].size
+    columns = max(len(r) for r in rows)
+    font, small = _font(max(12, min(18, w // 14))), _font(max(10, min(14, w // 18)))
+    label_w, title_h, head_h = max(110, min(220, w // 2)), (30 if title else 0), 3 * small.size + 10
+    sheet = Image.new("RGB", (label_w + w * columns, title_h + head_h + h * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 6), _fit(draw, title, font, sheet.width - 16), fill="black", font=font)
+    for x, label in enumerate(column_labels[:columns]):
+        for n, line in enumerate(_wrap(draw, label, small, w - 8, 3)):
+            draw.text((label_w + x * w + 4, title_h + 4 + n * small.size), line, fill="black", font=small)
+    for y, row in enumerate(rows):
+        top = title_h + head_h + y * h
+        label = row_labels[y] if y < len(row_labels) else ""
+        for n, line in enumerate(_wrap(draw, label, small, label_w - 10, max(1, h // (small.size + 2)))):
+            draw.text((6, top + 6 + n * (small.size + 2)), line, fill="black", font=small)
+        draw.line([0, top, label_w, top], fill="#bbbbbb")  # a rule between row labels, none over the samples
+        for x, img in enumerate(row):
+            sheet.paste(img.convert("RGB").resize((w, h)) if img.size != (w, h) else img.convert("RGB"),
+                        (label_w + x * w, top))
+    return sheet
 
 
 def data_url(image: Image.Image, max_side: int = 1024, photo: bool = False) -> str:

@@ -46,6 +46,8 @@ def lineage(records, name: str, train_result: dict, train_config: TrainConfig) -
         "train_config": train_config.model_dump(mode="json"),
         "steps": train_result.get("steps"),
         "final_loss": train_result.get("final_loss"),
+        # Why the text encoders trained or stayed frozen (the probe stage's decision and numbers).
+        "text_encoders": train_result.get("text_encoders"),
         "versions": versions,
     }
 
@@ -93,30 +95,34 @@ CODE = code_version(__name__, "trainer.export", "trainer.kohya")
 
 
 def export_key(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
-               train_config: TrainConfig, resolution: int) -> str:
+               train_config: TrainConfig, resolution: int, update_latest: bool = True) -> str:
     return stage_key("export", CODE, sha256_file(lora_file), sha256_file(manifest), workspace, name, train_config,
-                     resolution)
+                     resolution, update_latest, train_result.get("text_encoders"))
 
 
 def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
-               train_config: TrainConfig, resolution: int) -> dict:
+               train_config: TrainConfig, resolution: int, update_latest: bool = True) -> dict:
+    """`update_latest`: the export is the one `<name>.safetensors` names (off for a rank comparison's extra
+    LoRAs); the caller links the name to it (`publish_latest`)."""
     check_trained(lora_file, train_result)
     ws = Workspace.at(workspace)
-    key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution)
+    key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution, update_latest)
     records = trained_records(manifest, train_result)
     facts = lineage(records, name, train_result, train_config)
-    versions = ws.loras / VERSIONS
-    versions.mkdir(exist_ok=True)
+    # The export people load goes to versions/ (loras/<name>.safetensors links to it, see `publish_latest`);
+    # a rank comparison's extra LoRAs stay beside the latest, named by their key, and are never pruned.
+    folder = ws.loras / VERSIONS if update_latest else ws.loras
+    folder.mkdir(exist_ok=True)
     stem = f"{slugify(name)}-{key[:8]}"
-    diffusers_file = export_diffusers_lora(lora_file, versions / f"{stem}.diffusers.safetensors", facts)
+    diffusers_file = export_diffusers_lora(lora_file, folder / f"{stem}.diffusers.safetensors", facts)
     metadata = kohya_metadata(train_config, train_result, name, [r.caption for r in records], resolution, facts)
-    kohya_file = export_kohya_lora(lora_file, versions / f"{stem}.safetensors", metadata, train_config.alpha,
+    kohya_file = export_kohya_lora(lora_file, folder / f"{stem}.safetensors", metadata, train_config.alpha,
                                    unet_layers_per_block(train_config))
     result = {
         "stage": "export",
         "key": key,
-        "lora": str(ws.loras / f"{slugify(name)}.safetensors"),
-        "diffusers": str(ws.loras / f"{slugify(name)}.diffusers.safetensors"),
+        "lora": str(ws.loras / f"{slugify(name)}.safetensors" if update_latest else kohya_file),
+        "diffusers": str(ws.loras / f"{slugify(name)}.diffusers.safetensors" if update_latest else diffusers_file),
         "version": str(kohya_file),
         "size_bytes": kohya_file.stat().st_size,
         "outputs": [str(kohya_file), str(diffusers_file)],

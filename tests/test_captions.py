@@ -52,7 +52,7 @@ def test_quantized_loading_needs_a_gpu(tiny_models):
 def test_tiny_llava_describes_what_it_sees(tiny_models):
     captioner = load_captioner("llava", str(tiny_models.llava), device="cpu", max_new_tokens=24)
     scene = scenes(1)[0]
-    answer = captioner.describe([draw(scene)], CaptionConfig().prompt)[0]
+    answer = captioner.describe([draw(scene)], CaptionConfig().prompt)[0].text
     assert answer.startswith("a woman") and scene.clothes in answer
 
 
@@ -64,7 +64,7 @@ def cropped(tmp_path, workspace):
 def test_caption_stage_names_the_person_and_caches_per_image(cropped, workspace, tiny_models):
     config = CaptionConfig(model=str(tiny_models.llava), device="cpu", max_new_tokens=24)
     records, stats = caption_records(cropped, workspace, config, NAME, str(tiny_models.sdxl))
-    assert stats == {"computed": 3, "reused": 0, "captions": 3}
+    assert stats == {"computed": 3, "reused": 0, "captions": 3, "failed": 0}
     assert all(r.caption.startswith(NAME) for r in records)
     assert records[0].caption_by["model"] == str(tiny_models.llava)
 

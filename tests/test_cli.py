@@ -21,7 +21,7 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("run", "demo", "serve", "collect", "validate", "dedup", "crop", "caption", "review", "train",
-                    "export", "evaluate"):
+                    "export", "evaluate", "compare-ranks", "resize"):
         assert command in out.stdout
 
 
@@ -34,6 +34,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
         f"caption:\n  model: {tiny_models.llava}\n  device: cpu\n"
         f"train:\n  base_model: {tiny_models.sdxl}\n  epochs: 1\n  effective_batch_size: 4\n  sample_steps: 2\n  device: cpu\n"
         "evaluate:\n  steps: 2\n  prompts: ['a photo of {name}']\n"
+        "probe:\n  steps: 2\n  seeds: 1\n"
     )
     result = runner.invoke(app, ["validate", str(ws), "--config", str(config)])
     assert result.exit_code != 0 and "run `lorapipe collect` first" in result.output
@@ -82,8 +83,11 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
     assert lora.samefile(version)
     result = runner.invoke(app, ["evaluate", str(ws), "--json"])
     assert result.exit_code == 0, result.output
-    grid = json.loads(result.stdout)["samples"]
-    assert Path(grid).exists() and Image.open(grid).size == (256, 512)  # base row over LoRA row, one prompt
+    evaluated = json.loads(result.stdout)
+    # Base row over LoRA row: 1 prompt with the name and the 2 default ones without it, 2 seeds each, labelled.
+    assert len(evaluated["columns"]) == 6 and evaluated["pollution"]["pixel_change"] is not None
+    width, height = Image.open(evaluated["samples"]).size
+    assert Path(evaluated["samples"]).exists() and width > 6 * 256 and 512 < height < 640
     shutil.rmtree(ws)
 
 

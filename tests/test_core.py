@@ -25,7 +25,7 @@ def test_config_rejects_unknown_keys_and_reads_yaml(tmp_path):
 def test_recipe_defaults():
     train = PipelineConfig(name="Jane Doe", images="x").train
     assert (train.rank, train.learning_rate, train.optimizer, train.effective_batch_size) == (8, 4e-4, "auto", 64)
-    assert (train.alpha, train.targets, train.train_text_encoders) == (1.0, "kohya", False)
+    assert (train.alpha, train.targets, train.train_text_encoders) == (1.0, "kohya", "auto")  # the probe decides
     assert (train.epochs, train.repeats, train.base_model) == (12, 1, "stabilityai/stable-diffusion-xl-base-1.0")
 
 

@@ -25,19 +25,20 @@ def test_flow_parameters_are_the_config_models():
     assert definitions["ScaleOutConfig"]["properties"]["task_runner"]["enum"] == ["none", "dask", "ray"]
 
 
-def test_serve_builds_four_deployments_with_the_nightly_schedule():
+def test_serve_builds_five_deployments_with_the_nightly_schedule():
     from deployments.serve import deployments
 
     job = PipelineConfig(name="Jane Doe", images="/photos/jane")
     built = deployments(job, NightlyConfig(cron="30 2 * * *", timezone="Europe/Berlin"))
     assert [(d.flow_name, d.name) for d in built] == [("pipeline", "lorapipe"), ("dataset", "lorapipe"),
-                                                     ("train", "lorapipe"), ("nightly", "lorapipe")]
+                                                     ("train", "lorapipe"), ("nightly", "lorapipe"),
+                                                     ("rank-comparison", "lorapipe")]
     assert all(d.parameters == {"config": job.model_dump(mode="json", by_alias=True)} for d in built)
-    [schedule] = built[-1].schedules
+    [schedule] = built[3].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 2 * * *", "Europe/Berlin",
                                                                                     True)
     # Without a job the nightly run would not know whose photos to collect: it is built unscheduled.
-    [schedule] = deployments(None)[-1].schedules
+    [schedule] = deployments(None)[3].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 3 * * *", "UTC", False)
 
 

@@ -226,7 +226,7 @@ def test_a_run_folder_admits_one_trainer_until_the_holder_dies(two_runs):
     ws = Workspace.at(root / "ws")
     examples = training_examples(read_manifest(ws.latest_manifest("review")), ws)
     job = Job(examples, config.train.model_copy(update={"epochs": 1}), ws.runs / "one-writer", ws.cache,
-              config.name, "one-writer")
+              config.name)
     job.run_dir.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(job.run_dir / RUN_LOCK)], stdout=subprocess.PIPE,
                               text=True)

@@ -79,6 +79,35 @@ def test_lora_loads_and_changes_the_output(first_run, tiny_models):
     assert result["steps"] > 0 and np.isfinite(result["final_loss"])
 
 
+def test_summary_has_identity_and_pollution_rows_honestly_empty_on_the_tiny_model(first_run):
+    """The tiny SDXL draws no faces (random weights), and the drawn demo photos hold none either: the rows
+    say so with the reason, the probe chooses text-encoder training and says why, and the LoRA carries that."""
+    import json
+
+    from safetensors import safe_open
+
+    from flows.summary import summary_rows
+
+    _, result = first_run
+    rows = dict(summary_rows(result))
+    photos = sum(r.review == "approved" for r in read_manifest(result["manifest"]))
+    no_faces = (f"no face found in any of the person's {photos} photos; no usable face in 2 of 2 samples "
+                "(2 no face found)")
+    assert rows["text encoders"] == (f"trained: could not measure ({no_faces}): training the text encoders, "
+                                     "which cannot lose a person the base model does not know")
+    identity = {label: value for label, value in rows.items() if label.startswith("identity")}
+    assert set(identity) == {f"identity, base model (vs {photos} training photos)",
+                             f"identity, with the LoRA (vs {photos} training photos)"}
+    assert all(v == f"not measured: {no_faces}" for v in identity.values())
+    assert rows["style pollution"].startswith("1 − SSIM 0.") and "(prompts without the name)" in rows["style pollution"]
+    with safe_open(result["lora"], framework="pt") as f:
+        lineage = json.loads(f.metadata()["lorapipe"])
+        assert f.metadata()["ss_network_train_unet_only"] == "false"
+        assert any(k.startswith("lora_te2_") for k in f.keys())
+    assert lineage["text_encoders"]["train_text_encoders"] is True
+    assert lineage["text_encoders"]["reason"] == result["text_encoders"]["reason"]
+
+
 def test_second_run_reuses_every_stage(first_run):
     from flows.pipeline import pipeline
 

@@ -32,7 +32,7 @@ from served import (api, artifacts_of, embedded_images, table, task_runs_under, 
 
 pytestmark = pytest.mark.slow
 DOCS = Path(__file__).parent.parent / "docs"
-FLOWS = ("pipeline", "dataset", "train", "nightly")
+FLOWS = ("pipeline", "dataset", "train", "nightly", "rank-comparison")
 TIMEZONE = "Europe/Berlin"
 
 
@@ -117,7 +117,10 @@ def test_triggered_pipeline_completes_with_tables_images_and_progress(served, fi
     [curve] = embedded_images(artifacts["jane-doe-loss-curve"].data)
     assert curve.format == "PNG" and curve.size == (720, 400)
     [grid] = embedded_images(artifacts["jane-doe-samples"].data)
-    assert grid.format == "JPEG" and grid.size == (256, 512)  # one prompt: base model over LoRA, 256 px each
+    # Base model over LoRA, 4 samples of 256 px (a prompt with the name and one without, 2 seeds each), plus
+    # the label bands; scaled to 1024 px wide for the artifact.
+    assert grid.format == "JPEG" and grid.width == 1024 and 512 * 1024 / (4 * 256) < grid.height < 600
+    assert "| identity, with the LoRA" in summary and "| style pollution | 1 − SSIM" in summary
 
     # Progress artifacts, updated while the stages ran, end at 100 % with the numbers.
     caption, train = artifacts["jane-doe-caption-progress"], artifacts["jane-doe-train-progress"]
@@ -184,7 +187,7 @@ def test_same_input_twice_trains_once_and_the_nightly_finds_nothing_new(served, 
         again = trigger(client, served.deployments["pipeline"])
         assert wait_final(client, again).state.is_completed()
         gpu = {stage(t): t.state.name for t in gpu_task_runs(client, again)}
-        assert gpu == {"caption": "Cached", "train": "Cached", "evaluate": "Cached"}  # no GPU work at all
+        assert gpu == {"caption": "Cached", "probe": "Cached", "train": "Cached", "evaluate": "Cached"}  # no GPU work
 
         nightly = trigger(client, served.deployments["nightly"])
         run = wait_final(client, nightly)
@@ -280,3 +283,23 @@ def test_a_missing_photo_folder_fails_a_served_run_in_one_line_before_any_stage(
             lines = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
         assert task_runs_under(client, run.id) == []  # no stage ran (no collect retried twice)
     assert any(expected in line for line in lines) and not any("Traceback" in line for line in lines), lines
+
+
+def test_rank_comparison_deployment_reports_in_the_ui_and_reuses_a_trained_rank(served, first_run):
+    """Triggered as the UI does, with the settings of the retrain above (epochs 1): its rank-8 LoRA is that
+    training, cached; rank 2 trains. The report is an artifact on the run and a file in the workspace."""
+    config = served.config.model_dump(mode="json", by_alias=True)
+    config["train"]["epochs"] = 1
+    with api(served.server) as client:
+        run_id = trigger(client, served.deployments["rank-comparison"],
+                         {"config": config, "comparison": {"ranks": [2, 8]}})
+        run = wait_final(client, run_id, timeout=400)
+        assert run.state.is_completed(), (run.state, served.log.read_text()[-3000:])
+        trains = sorted(t.state.name for t in task_runs_under(client, run_id) if stage(t) == "train")
+        report = artifacts_of(client, run_id)["jane-doe-rank-comparison"].data
+    assert trains == ["Cached", "Completed"]
+    assert "| rank 2 | 2 |" in report and "| rank 8 | 8 |" in report and "No verdict" in report
+    [grid] = embedded_images(report)
+    assert grid.height > 3 * 128  # base model, rank 2, rank 8: one labelled row each
+    written = Path(served.config.workspace) / "reports" / "rank-comparison.md"
+    assert "| rank 8 | 8 |" in written.read_text()

@@ -43,10 +43,10 @@ def worker(prefect_server, tmp_path_factory):
     process.wait(timeout=30)
 
 
-def test_prefect_yaml_deploys_the_four_deployments_to_the_gpu_pool(prefect_server, worker):
+def test_prefect_yaml_deploys_the_five_deployments_to_the_gpu_pool(prefect_server, worker):
     with api(prefect_server) as client:
         deployments = {f: wait_for_deployment(client, f"{f}/gpu-pool") for f in ("pipeline", "dataset", "train",
-                                                                                  "nightly")}
+                                                                                  "nightly", "rank-comparison")}
     assert {d.work_pool_name for d in deployments.values()} == {POOL}
     assert all(d.tags == ["lorapipe"] for d in deployments.values())
     [nightly] = deployments["nightly"].schedules
@@ -69,8 +69,8 @@ def test_two_pipelines_on_the_worker_take_turns_on_the_gpu(prefect_server, worke
         assert all(r.state.is_completed() for r in finished), ([r.state for r in finished], log.read_text()[-3000:])
         gpu = {run_id: [t for t in task_runs_under(client, run_id) if "gpu" in t.tags] for run_id in runs}
 
-    for run_id, tasks in gpu.items():  # both did real GPU work: caption, train, evaluate, none from a cache
-        assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == ["caption", "evaluate", "train"]
+    for run_id, tasks in gpu.items():  # both did real GPU work: caption, probe, train, evaluate, none from a cache
+        assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == ["caption", "evaluate", "probe", "train"]
         assert all(t.state.name == "Completed" for t in tasks)
     spans = [(t.start_time, t.end_time, t.name) for tasks in gpu.values() for t in tasks]
     for (start_a, end_a, a), (start_b, end_b, b) in combinations(spans, 2):

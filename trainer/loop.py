@@ -108,6 +108,8 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     if not examples:
         raise UserError("no approved images to train on")
     started = time.monotonic()
+    if config.train_text_encoders == "auto":  # the pipeline's probe stage decides; the trainer alone keeps them frozen
+        config = config.model_copy(update={"train_text_encoders": False})
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
     accelerator, bf16 = make_accelerator(config)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -331,4 +333,3 @@ def train_lora(examples: list[Example], config: TrainConfig, run_dir: str | Path
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
-

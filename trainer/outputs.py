@@ -48,7 +48,7 @@ def save_samples(run_dir, label, parts, unet, encoders, config, name, size, devi
             module.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         sheet = training_samples(parts, unet, encoders, config.sample_prompts, name or "a person", config.seed,
-                                 config.sample_steps, size)
+                                 config.sample_steps, size, title=f"training samples · {label} · rank {config.rank}")
     if not config.train_text_encoders and device.type == "cuda":
         for module in movable:
             module.to("cpu")

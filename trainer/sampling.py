@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lorapipe.devices import resolve_device
+from lorapipe.plots import labelled_grid
 from trainer.models import is_single_file, load_vae
 
 
@@ -34,10 +35,13 @@ def load_pipeline(base_model: str, revision: str | None = None, vae: str | None 
     return pipe.to(device)
 
 
-def render(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, size: tuple[int, int]):
+def render(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, size: tuple[int, int],
+           seeds: list[int] | None = None):
+    """One image per prompt: prompt i with seed `seed + i`, or with `seeds[i]` when given (a CPU generator,
+    so a seed draws the same noise on any device)."""
     images = []
     for i, prompt in enumerate(prompts):
-        generator = torch.Generator("cpu").manual_seed(seed + i)
+        generator = torch.Generator("cpu").manual_seed(seeds[i] if seeds is not None else seed + i)
         images += pipe(
             prompt, num_inference_steps=steps, guidance_scale=guidance_scale, width=size[0], height=size[1],
             generator=generator,
@@ -45,7 +49,11 @@ def render(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: floa
     return images
 
 
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
+def grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, column_labels: list[str] | None = None,
+         title: str = "") -> Image.Image:
+    """Rows of same-size images, labelled (lorapipe.plots.labelled_grid) when labels are given."""
+    if row_labels is not None or column_labels is not None or title:
+        return labelled_grid(rows, row_labels or [], column_labels or [], title)
     w, h = rows[0][0].size
     sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
     for y, row in enumerate(rows):
@@ -66,8 +74,9 @@ def sample_prompts(templates: list[str], name: str) -> list[str]:
 
 @torch.no_grad()
 def training_samples(parts, unet, text_encoders, templates: list[str], name: str, seed: int, steps: int,
-                     size: tuple[int, int]) -> Image.Image:
-    """Render samples with the model being trained (LoRA active): a grid, prompts across, with/without name down."""
+                     size: tuple[int, int], title: str = "training samples") -> Image.Image:
+    """Render samples with the model being trained (LoRA active): a labelled grid, prompts across,
+    with/without the name down; `title` says which run, epoch and rank."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline(
@@ -79,21 +88,9 @@ def training_samples(parts, unet, text_encoders, templates: list[str], name: str
     was_training = unet.training
     unet.eval()
     # The VAE decodes in fp32 on the CPU and bf16 on the GPU; SDXL's VAE overflows in fp16.
-    images = render(pipe, sample_prompts(templates, name), seed, steps, 5.0, size)
-    unet.train(was_training)
     n = len(templates)
-    return grid([images[:n], images[n:]])
-
-
-def compare_with_and_without(
-    base_model: str, lora_file: str | Path, prompts: list[str], seed: int, steps: int, guidance_scale: float,
-    size: tuple[int, int], revision: str | None = None, vae: str | None = None, device: str = "auto",
-    single_file_config: str | None = None,
-):
-    """Render the prompts with the base model, load the LoRA, render again: (before, after)."""
-    pipe = load_pipeline(base_model, revision, vae, device, single_file_config)
-    before = render(pipe, prompts, seed, steps, guidance_scale, size)
-    lora_file = Path(lora_file)
-    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    after = render(pipe, prompts, seed, steps, guidance_scale, size)
-    return before, after
+    seeds = [seed + i for i in range(n)] * 2  # each column one seed: the rows differ only by the name
+    images = render(pipe, sample_prompts(templates, name), seed, steps, 5.0, size, seeds)
+    unet.train(was_training)
+    return grid([images[:n], images[n:]], [f"{{name}} = {name}", "{name} = a person"],
+                [f"{t} · seed {seed + i}" for i, t in enumerate(templates)], title)
