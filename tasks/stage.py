@@ -75,12 +75,15 @@ OUT_OF_MEMORY_HINTS: dict[str, Callable[[dict], str]] = {
     "caption-chunk": lambda a: f"lower caption.batch_size (now {a['config'].batch_size})",
     "evaluate": lambda a: (f"it renders at {a['resolution']} px (dataset.crop.resolution): free the GPU of other "
                            "work, or run `lorapipe evaluate` on a GPU with more memory"),
+    "probe": lambda a: (f"it renders at {a['resolution']} px (dataset.crop.resolution): free the GPU of other "
+                        "work, or set train.train_text_encoders to true or false (no probe)"),
 }
 
 
 # The model libraries a stage loads in this process (their notes and loading bars are quieted first).
 LOADS_LIBRARIES: dict[str, tuple[str, ...]] = {
     "caption": ("transformers",), "caption-chunk": ("transformers",), "evaluate": ("transformers", "diffusers"),
+    "probe": ("transformers", "diffusers"),
 }
 
 
