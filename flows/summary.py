@@ -95,8 +95,8 @@ def stage_paths(result: dict) -> list[tuple[str, str]]:
             value, label = str(Path(value[-1]).parent) if value else None, "samples during training"
         elif key == "samples":
             label = "samples (top: base model, bottom: with the LoRA)"
-        if value:
-            paths.append((label, str(value)))
+        if isinstance(value, str) and value:  # evaluate's "lora" is the LoRA's facts, not a path
+            paths.append((label, value))
     return paths
 
 
@@ -115,4 +115,6 @@ def stage_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"))
     if result.get("size_bytes"):
         rows.append(("LoRA size", human_size(result["size_bytes"])))
+    # train: the text-encoder decision; evaluate: identity and style pollution, as `lorapipe run` shows them
+    rows += evidence_rows(result if result.get("stage") == "evaluate" else {}, result.get("text_encoders"))
     return rows

@@ -183,7 +183,11 @@ def _answers(url: str) -> bool:
 
 
 def _stop_when_idle(server, clients: Path, idle_seconds: float, poll: float = 5.0) -> None:
-    """Ask uvicorn to exit once no lorapipe command has held `clients` for `idle_seconds`."""
+    """Ask uvicorn to exit once no lorapipe command has held `clients` for `idle_seconds` since it started
+    serving (its start, database migrations included, can take longer than a short idle time on a busy
+    machine: counted from before it, the server stopped while `lorapipe server start` still waited)."""
+    while not server.started and not server.should_exit:
+        time.sleep(0.2)
     idle_since = time.monotonic()
     while not server.should_exit:
         time.sleep(poll)

@@ -88,6 +88,9 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
     assert len(evaluated["columns"]) == 6 and evaluated["pollution"]["pixel_change"] is not None
     width, height = Image.open(evaluated["samples"]).size
     assert Path(evaluated["samples"]).exists() and width > 6 * 256 and 512 < height < 640
+    table = runner.invoke(app, ["evaluate", str(ws)], env={"COLUMNS": "200"}).stdout  # cached: what a person reads
+    assert "identity, with the LoRA" in table and "style pollution" in table and "{" not in table
+    assert f"samples (top: base model, bottom: with the LoRA): {evaluated['samples']}" in table
     shutil.rmtree(ws)
 
 

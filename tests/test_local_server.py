@@ -29,7 +29,7 @@ def test_stage_commands_use_the_server_started_once_and_it_stops_when_idle(tmp_p
         save(photo(900, 800, seed=seed), tmp_path / "photos" / f"{seed}.jpg")
     (tmp_path / "job.yaml").write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
     ws = str(tmp_path / "ws")
-    started = lorapipe("server", "start", "--idle-minutes", "0.2")
+    started = lorapipe("server", "start", "--idle-minutes", "0.3")
     assert started.returncode == 0, started.stderr[-1500:]
     state = json.loads(next((tmp_path / "prefect-home").glob("lorapipe-server-*.json")).read_text())
     try:
@@ -40,7 +40,7 @@ def test_stage_commands_use_the_server_started_once_and_it_stops_when_idle(tmp_p
             assert state["url"].removesuffix("/api") in done.stderr  # "View at http://127.0.0.1:PORT/runs/..."
         assert "local Prefect server at" in lorapipe("server", "status").stdout
         server = psutil.Process(state["pid"])
-        server.wait(timeout=60)  # 12 s without a command using it (polled every 5 s): it ends by itself
+        server.wait(timeout=90)  # 18 s without a command using it (polled every 5 s): it ends by itself
         assert "no local Prefect server runs" in lorapipe("server", "status").stdout
         done = lorapipe("validate", ws, "--json")  # none running: the command starts its own, and says how not to
         assert done.returncode == 0 and "`lorapipe server start` keeps one running" in done.stderr

@@ -62,6 +62,7 @@ def test_a_caption_stage_out_of_memory_is_one_line_and_loads_the_model_once(tmp_
 
     class HugeModel:
         identity = {"backend": "transformers"}
+        chunk_size = 16
 
         def __init__(self, *args, **kwargs):
             loads.append(args)
