@@ -116,5 +116,8 @@ def stage_rows(result: dict) -> list[tuple[str, str]]:
     if result.get("size_bytes"):
         rows.append(("LoRA size", human_size(result["size_bytes"])))
     # train: the text-encoder decision; evaluate: identity and style pollution, as `lorapipe run` shows them
-    rows += evidence_rows(result if result.get("stage") == "evaluate" else {}, result.get("text_encoders"))
+    # (only then: tasks.evaluate imports torch, seconds of a cached dedup command)
+    evaluated = result if result.get("stage") == "evaluate" else {}
+    if evaluated or result.get("text_encoders"):
+        rows += evidence_rows(evaluated, result.get("text_encoders"))
     return rows

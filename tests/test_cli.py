@@ -155,3 +155,11 @@ def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefe
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["stage"])))
     [run] = [r for r in runs if r.parameters["config"]["images"] == str(tmp_path / "photos")]
     assert run.name == "collect" and run.state.is_completed()
+
+    # A CPU stage's command, with its table, loads no torch (seconds of every cached stage command).
+    torch_loaded = ("import sys; sys.argv[0] = 'lorapipe'\ntry:\n    from flows.cli import main; main()\n"
+                    "finally:\n    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", torch_loaded, "validate", str(tmp_path / "ws")],
+                          env=prefect_server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "lorapipe validate: done" in done.stdout, done.stderr[-2000:]
+    assert "torch loaded: False" in done.stderr
