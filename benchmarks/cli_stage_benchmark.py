@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def main() -> None:
                         args.runs))
     finally:
         timed([LORAPIPE, "server", "stop"], env)
+        shutil.rmtree(root, ignore_errors=True)
 
     load = os.getloadavg()
     print(f"\n{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min); "
