@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/lorapipe demo
 
+# Two test processes (pytest-xdist), a test file to each at a time: much of the suite waits on Prefect
+# servers, browsers and subprocesses, so two workers on 2 cores finish in about half the time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: bench-dedup bench-caption bench-cli bench-train
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorapipe.fsutil import atomic_dir
+from lorapipe.fsutil import atomic_dir, file_lock
 
 # Words the tokenizers learn; the demo's captions and prompts are made of them.
 SUBJECTS = ["a woman", "a man", "the person", "a young woman", "a smiling man", "the woman"]
@@ -65,12 +65,17 @@ def ensure_tiny_models(root: str | Path | None = None, seed: int = 0) -> TinyMod
     root = Path(root) if root else default_cache_root() / "tiny-models"
     tag = f"{_builder_version()}-seed{seed}"
     models = TinyModels(sdxl=root / f"tiny-sdxl-{tag}", llava=root / f"tiny-llava-{tag}")
-    if not (models.sdxl / "model_index.json").exists():
-        with atomic_dir(models.sdxl) as tmp:
-            build_tiny_sdxl(tmp, seed=seed)
-    if not (models.llava / "config.json").exists():
-        with atomic_dir(models.llava) as tmp:
-            build_tiny_llava(tmp, seed=seed)
+    if (models.sdxl / "model_index.json").exists() and (models.llava / "config.json").exists():
+        return models
+    # Two processes starting at once (the demo beside the tests, parallel test workers) build once: the
+    # second waits, then finds the folders; without the lock it would swap a folder the first is reading.
+    with file_lock(root / f".build-{tag}.lock", "the tiny models' build"):
+        if not (models.sdxl / "model_index.json").exists():
+            with atomic_dir(models.sdxl) as tmp:
+                build_tiny_sdxl(tmp, seed=seed)
+        if not (models.llava / "config.json").exists():
+            with atomic_dir(models.llava) as tmp:
+                build_tiny_llava(tmp, seed=seed)
     return models
 
 
