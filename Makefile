@@ -3,6 +3,7 @@
 # make bench: every benchmark (lorapipe's code against the named reference, one table each):
 #   make bench-dedup    dedup vs imagededup
 #   make bench-caption  lorapipe's captioner vs plain transformers generate (tiny LLaVA on a CPU)
+#   make bench-cli      a cached stage command: temporary server per command vs `lorapipe server start`
 #   make bench-train    dispatched ops per step (SDXL + tiny), step time vs the plain diffusers+peft
 #                       loop (tiny UNet on a CPU, SDXL on a GPU), one step of each Lion
 PYTHON ?= python3
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 # One thread per process: two torch threads on a busy 2-core box ran tiny training 7-30x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test bench bench-dedup bench-caption bench-train install clean
+.PHONY: demo test bench bench-dedup bench-caption bench-cli bench-train install clean
 
 install: $(STAMP)
 
@@ -34,7 +35,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-bench: bench-dedup bench-caption bench-train
+bench: bench-dedup bench-caption bench-cli bench-train
 
 # The dedup benchmark against imagededup. imagededup goes in with --no-deps: its torchvision
 # requirement would pull a CUDA torch over the CPU one (see benchmarks/dedup_benchmark.py).
@@ -45,6 +46,9 @@ bench-dedup: $(STAMP)
 
 bench-caption: $(STAMP)
 	$(PY) benchmarks/caption_benchmark.py
+
+bench-cli: $(STAMP)
+	$(PY) benchmarks/cli_stage_benchmark.py
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/step_ops.py

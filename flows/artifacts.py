@@ -85,7 +85,6 @@ def summary_markdown(name: str, train: dict, export: dict, evaluate: dict, stage
     rows = [
         ("LoRA (kohya: ComfyUI, A1111, Forge)", f"`{export['lora']}` ({human_size(export['size_bytes'])})"),
         ("LoRA (diffusers)", f"`{export['diffusers']}` ({human_size(Path(export['diffusers']).stat().st_size)})"),
-        ("latest copy", f"`{export['latest']}`"),
         ("images trained on", str(train.get("images"))),
         ("optimizer steps", f"{train.get('steps')}" + (f" ({preflight['epochs']} epochs)" if "epochs" in preflight
                                                        else "")),

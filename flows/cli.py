@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.errors import UserError
-from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, load_config, read_settings, settings_problems
+from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, read_settings, settings_problems
 from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.local_server import prefect_api
 from lorapipe.policy import ServingPolicy
@@ -52,13 +52,49 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+# The settings `lorapipe run` has a flag for: a problem with one is said in the flag's name.
+FLAGS = {"name": "--name", "images": "--images", "workspace": "--workspace", "train.base_model": "--base-model",
+         "train.vae": "--vae", "caption.model": "--captioner", "train.rank": "--rank", "train.epochs": "--epochs",
+         "train.learning_rate": "--learning-rate", "train.micro_batch_size": "--micro-batch-size",
+         "train.effective_batch_size": "--effective-batch-size"}
+
+
+def _flat(settings: dict, prefix: str = "") -> set[str]:
+    """The dotted names of the settings a nested mapping sets."""
+    names = set()
+    for key, value in settings.items():
+        names |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return names
+
+
+def _blame(err: ValidationError, flagged: set[str], config_file: Optional[Path]) -> str:
+    """Each problem said where it came from: `--epochs 0: ...` for a flag's value, `job.yaml: train.rank:
+    ...` for the file's, `--name is missing (...)` for a required setting nobody gave."""
+    found: dict[str, list] = {}
+    for e in err.errors():  # pydantic names alternatives "constrained-int", "literal['auto']": not settings
+        where = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
+        found.setdefault(where, []).append(e)
+    problems = []
+    for where, errors in found.items():
+        flag, message = FLAGS.get(where), " or ".join(e["msg"] for e in errors)
+        if errors[0]["type"] == "missing":
+            field = PipelineConfig.model_fields.get(where)
+            about = f" ({field.description[0].lower()}{field.description[1:]})" if field and field.description else ""
+            in_file = f", or `{where}:` in {config_file}" if config_file else ""
+            problems.append(f"{flag or where} is missing{about}{in_file}")
+        elif where in flagged and flag:
+            problems.append(f"{flag} {errors[0].get('input')}: {message}")
+        else:
+            problems.append(f"{config_file or 'settings'}: {where}: {message}")
+    return "; ".join(problems)
+
+
 def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
     try:
-        if config_file:
-            return load_config(config_file, **overrides)
-        return PipelineConfig.model_validate(overrides)
+        settings = deep_merge(read_settings(config_file), overrides) if config_file else overrides
+        return PipelineConfig.model_validate(settings)
     except ValidationError as err:
-        _fail(f"flags: {settings_problems(err)} (see `lorapipe run --help`)")
+        _fail(_blame(err, _flat(overrides), config_file))
     except UserError as err:
         _fail(str(err))
 
@@ -108,11 +144,16 @@ def demo(
 
 
 def _run(config: PipelineConfig) -> None:
+    from flows.checks import ALL_STAGES, check_before_stages
     from flows.pipeline import pipeline
     from flows.summary import print_summary
 
-    with prefect_api():
-        result = pipeline(config)
+    try:
+        check_before_stages(config, ALL_STAGES)  # one line now, not after the CPU stages (no server started)
+        with prefect_api():
+            result = pipeline(config)
+    except UserError as err:
+        _fail(str(err))
     print_summary(result)
 
 
@@ -128,7 +169,11 @@ def _workspace_config(workspace: Path, config_file: Optional[Path]) -> tuple[Wor
                 raise UserError(f"{remembered}: not valid JSON ({err}); pass --config to replace it") from None
         if config_file:
             saved = deep_merge(saved, read_settings(config_file))
-        saved.setdefault("workspace", str(ws.root))
+        named = saved.get("workspace")
+        if named and Workspace.at_path(named) != ws.root:  # the WORKSPACE argument wins
+            typer.echo(f"lorapipe: working on {ws.root} (the WORKSPACE given), not the workspace "
+                       f"{named} that {config_file or remembered} names", err=True)
+        saved["workspace"] = str(ws.root)
         config = PipelineConfig.model_validate(saved)
     except UserError as err:
         _fail(str(err))
@@ -154,26 +199,52 @@ def _print(result: dict) -> None:
     typer.echo(json.dumps({k: v for k, v in result.items() if k not in {"losses"}}, indent=2, default=str))
 
 
-def _stage(stage: str, workspace: Path, config_file: Optional[Path], **overrides) -> None:
+JSON_HELP = "Print the result as JSON (for scripts) instead of a table"
+
+
+def _report(stage: str, result: dict, as_json: bool) -> None:
+    """What a stage command ends with: a table, as `lorapipe run` ends with one; JSON with --json."""
+    if as_json:
+        _print(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.summary import stage_paths, stage_rows
+
+    done = "re-used from the cache (same input, settings and code)" if result.get("cached") else "done"
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in stage_rows(result):
+        table.add_row(label, value)
+    console = Console()
+    console.print(f"lorapipe {stage}: {done}", soft_wrap=True, highlight=False)
+    if table.row_count:
+        console.print(table)
+    for label, path in stage_paths(result):
+        console.print(f"{label}: {path}", soft_wrap=True, highlight=False)
+
+
+def _stage(stage: str, workspace: Path, config_file: Optional[Path], as_json: bool = False, **overrides) -> None:
     """Run one stage as a one-task flow (cached; visible in the UI when PREFECT_API_URL is set)."""
     from flows.stages import stage_flow
+
+    from flows.checks import check_before_stages
 
     ws, cfg = _workspace_config(workspace, config_file)
     if overrides:
         cfg = cfg.model_copy(update=overrides)
-    # A missing input is a usage error, said before any flow starts.
-    if stage == "collect":
-        from tasks.collect import resolve_sources, source_kind
-
-        try:
-            [source_kind(source) for source in resolve_sources(cfg.images)]
-        except FileNotFoundError as err:
-            _fail(str(err))
-    else:
-        _input_manifest(ws, stage, cfg)
-    with prefect_api():
-        result = stage_flow(stage, cfg)
-    _print(result)
+    # A missing input, source or model is a usage error, said before any flow (or server) starts.
+    try:
+        check_before_stages(cfg, [stage, "export"] if stage == "train" else [stage])
+        if stage != "collect":
+            _input_manifest(ws, stage, cfg)
+        with prefect_api():
+            result = stage_flow(stage, cfg)
+    except UserError as err:
+        _fail(str(err))
+    _report(stage, result, as_json)
 
 
 @app.command()
@@ -182,17 +253,19 @@ def collect(
     images: Optional[List[str]] = typer.Option(
         None, help="Folder, zip/tar archive, URL list (.txt/.csv) or URL; repeat for several (default: the config's)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings (remembered by the workspace)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Copy photos from folders, archives and URLs into WORKSPACE/raw and write the first manifest."""
     sources = _images(images)
-    _stage("collect", workspace, config, **({"images": sources} if sources else {}))
+    _stage("collect", workspace, config, as_json, **({"images": sources} if sources else {}))
 
 
 def _stage_command(stage: str, doc: str) -> None:
     """`lorapipe <stage> WORKSPACE [--config job.yaml]`: the stages that need nothing but the workspace."""
 
-    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP)) -> None:
-        _stage(stage, workspace, config)
+    def command(workspace: Path, config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+                as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+        _stage(stage, workspace, config, as_json)
 
     command.__doc__ = doc
     app.command(name=stage)(command)
@@ -317,11 +390,13 @@ def compare_ranks(
 
     Writes WORKSPACE/reports/rank-comparison.md (and a Prefect artifact) naming the smallest good rank.
     """
+    from flows.checks import TRAIN_STAGES, check_before_stages
     from flows.rank_comparison import rank_comparison
     from lorapipe.config import RankComparisonConfig
 
     ws, cfg = _workspace_config(workspace, config)
-    _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
+    manifest = _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
+    check_before_stages(cfg, TRAIN_STAGES, manifest)  # a missing model: one line, before a server starts
     try:
         comparison = RankComparisonConfig.model_validate(_overrides(
             ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
@@ -331,7 +406,8 @@ def compare_ranks(
     for path in comparison.loras:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such LoRA file (--lora)")
-    report = rank_comparison(cfg, comparison)  # reviews again first: caption files edited since count
+    with prefect_api():
+        report = rank_comparison(cfg, comparison)  # reviews again first: caption files edited since count
     typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)
     _print({k: report[k] for k in ("verdict", "smallest_good_rank", "markdown", "grid", "json")})
 
@@ -417,6 +493,48 @@ def _serving_policy(defaults: Optional[PipelineConfig], policy_file: Optional[Pa
     base = read_policy_file(policy_file) if policy_file else current_policy()
     merged = base.merged(flags) if base else flags
     return with_defaults(policy_from_settings(merged.model_dump(), "serve options"), defaults)
+
+
+server_app = typer.Typer(no_args_is_help=True, help=(
+    "A local Prefect server kept running between commands: stage after stage without a server start each "
+    "time. Without PREFECT_API_URL every command uses it while it runs."))
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    idle_minutes: float = typer.Option(30, min=0.1, help="Stop after this long without a lorapipe command using it"),
+) -> None:
+    """Start a local Prefect server in the background (this Prefect home's database, no UI)."""
+    from lorapipe.local_server import shared_server_state, start_shared_server
+
+    if data := shared_server_state():
+        typer.echo(f"lorapipe: a local Prefect server already runs at {data['url']} (pid {data['pid']})", err=True)
+        return
+    data = start_shared_server(idle_minutes)
+    typer.echo(f"lorapipe: local Prefect server at {data['url']} (pid {data['pid']}); commands without "
+               f"PREFECT_API_URL use it; it stops after {idle_minutes:g} idle minutes, or `lorapipe server stop`",
+               err=True)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server `lorapipe server start` started."""
+    from lorapipe.local_server import stop_shared_server
+
+    data = stop_shared_server()
+    typer.echo(f"lorapipe: stopped the local Prefect server at {data['url']}" if data else
+               "lorapipe: no local Prefect server runs", err=True)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether a local Prefect server runs, and where."""
+    from lorapipe.local_server import shared_server_state
+
+    data = shared_server_state()
+    typer.echo(f"local Prefect server at {data['url']} (pid {data['pid']}, stops after {data['idle_minutes']:g} "
+               "idle minutes)" if data else "no local Prefect server runs")
 
 
 class CurrentStderrHandler(logging.StreamHandler):

@@ -15,12 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import MarkdownArtifact
 
 from flows.artifacts import publish
+from flows.checks import check_before_stages
 from flows.pipeline import build_lora
 from flows.review import ReviewTimedOut, failed_for
 from flows.stages import run_stage
 from lorapipe.config import PipelineConfig
 from lorapipe.manifest import read_manifest
-from lorapipe.policy import check_run
 from lorapipe.retrain import last_trained, training_fingerprint, training_inputs, what_changed
 from lorapipe.workspace import Workspace, slugify
 
@@ -31,8 +31,7 @@ NOTHING_NEW = "nothing new"
 def nightly(config: PipelineConfig) -> dict:
     """Re-collect the photos; retrain only if photos, review decisions or settings changed."""
     logger = get_run_logger()
-    check_run(config)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, ["collect"])  # the models are checked when it decides to train
     collected, _ = run_stage("collect", config, ws)
     last = last_trained(ws)
     if last and last["fingerprint"] == training_fingerprint(ws, collected["manifest"], config):

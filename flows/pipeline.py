@@ -10,13 +10,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_dataset, publish_training
+from flows.checks import ALL_STAGES, DATASET_STAGES, TRAIN_STAGES, check_before_stages
 from flows.fanout import fan_out_captions
 from flows.review import ReviewTimedOut, failed_for, settle_review
 from flows.stages import reviewed_manifest, run_stage
 from flows.summary import summary_rows
 from lorapipe.config import PipelineConfig
 from lorapipe.fsutil import atomic_write_json
-from lorapipe.policy import check_run
 from lorapipe.retrain import record_trained, training_fingerprint, training_inputs
 from lorapipe.workspace import Workspace
 from tasks.probe import decided, decision_summary
@@ -35,8 +35,8 @@ def _record(stages: dict, name: str, result: dict, cached: bool) -> dict:
 @flow(name="dataset")
 def dataset_flow(config: PipelineConfig) -> dict:
     """Collect, validate, dedup, crop, caption and review: a workspace of approved training images."""
-    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
-    ws = Workspace.at(config.workspace_path())
+    # The serving policy, the sources, the workspace and the models, before any stage: one line if not.
+    ws = check_before_stages(config, DATASET_STAGES)
     atomic_write_json(ws.root / "config.json", config.model_dump(mode="json", by_alias=True))
     stages: dict = {}
     result = _record(stages, "collect", *run_stage("collect", config, ws))
@@ -67,8 +67,7 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
         manifest: A reviewed manifest; empty: the workspace's captions reviewed again (captions edited in
             WORKSPACE/images/*.txt since the last review count)
     """
-    check_run(config, manifest)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, TRAIN_STAGES, manifest)  # policy, models: one line before any stage
     if manifest is None:  # the review stage again: captions edited in images/*.txt since then count
         manifest = reviewed_manifest(config, ws)
     stages: dict = {}
@@ -86,7 +85,6 @@ def train_flow(config: PipelineConfig, manifest: str | None = None) -> dict:
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
     """Photos of a person in, a LoRA out: the dataset flow, then the train flow."""
-    check_run(config)  # a served deployment's serving policy (lorapipe/policy.py); nothing without one
     try:
         return build_lora(config)
     except ReviewTimedOut as err:
@@ -95,6 +93,7 @@ def pipeline(config: PipelineConfig) -> dict:
 
 def build_lora(config: PipelineConfig) -> dict:
     """The pipeline's steps, in whichever flow a person started (`pipeline`, or the nightly retrain)."""
+    check_before_stages(config, ALL_STAGES)  # a missing model fails now, not after the CPU stages
     dataset = dataset_flow(config)
     ws = Workspace.at(dataset["workspace"])
     review = {"manifest": dataset["manifest"], "stats": dataset["stages"]["review"]["stats"]}
@@ -105,7 +104,7 @@ def build_lora(config: PipelineConfig) -> dict:
         "workspace": dataset["workspace"],
         "manifest": dataset["manifest"],
         "lora": trained["export"]["lora"],
-        "lora_latest": trained["export"]["latest"],
+        "lora_latest": trained["export"]["lora"],  # one name: loras/<name>.safetensors
         "lora_diffusers": trained["export"]["diffusers"],
         "lora_bytes": trained["export"]["size_bytes"],
         "samples": trained["evaluate"]["samples"],

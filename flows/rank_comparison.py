@@ -15,10 +15,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_rank_comparison
+from flows.checks import TRAIN_STAGES, check_before_stages
 from flows.stages import reviewed_manifest, run_stage
 from lorapipe.config import PipelineConfig, RankComparisonConfig
 from lorapipe.errors import UserError
-from lorapipe.workspace import Workspace
 from tasks.probe import decided, decision_summary
 from tasks.rank_comparison import ComparisonRow, report_task, resize_task, row_json
 from tasks.stage import call_stage
@@ -43,7 +43,7 @@ def rank_comparison(config: PipelineConfig, comparison: RankComparisonConfig | N
     """
     comparison = comparison or RankComparisonConfig()
     logger = get_run_logger()
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, TRAIN_STAGES, manifest)  # policy, models: one line before any training
     if manifest is None:  # the review stage again, as for `lorapipe train`: edited caption files count
         manifest = reviewed_manifest(config, ws)
     missing = [f for f in comparison.loras if not Path(f).is_file()]

@@ -8,25 +8,19 @@ cached like the pipeline's and shows up in the Prefect UI when PREFECT_API_URL p
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 from prefect import flow
 
+from flows.checks import check_before_stages
 from flows.fanout import fan_out_captions
 from lorapipe.config import PipelineConfig
-from lorapipe.policy import check_run
 from lorapipe.workspace import Workspace, slugify
-from tasks.caption import caption_task
-from tasks.collect import collect_task, resolve_sources
-from tasks.crop import crop_task
-from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
-from tasks.probe import decided, decision_summary, probe_task, recorded_decision
-from tasks.review import review_task
 from tasks.stage import call_stage
-from tasks.train import train_task, trained_run
-from tasks.validate import validate_task
+
+# Each stage's module is imported when the stage runs: `lorapipe dedup WS` loads neither torch nor the
+# trainer (seconds of a cached stage command on 2 cores).
 
 Stage = Literal["collect", "validate", "dedup", "crop", "caption", "review", "probe", "train", "export", "evaluate"]
 
@@ -40,30 +34,40 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
     common = {"workspace": str(ws.root)}
     d = config.dataset
     if stage == "collect":
+        from tasks.collect import collect_task, resolve_sources
+
         return collect_task, {"images": resolve_sources(config.images), "config": d.collect, **common}
     if stage in ("validate", "dedup", "crop"):
-        task = {"validate": validate_task, "dedup": dedup_task, "crop": crop_task}[stage]
+        task = getattr(importlib.import_module(f"tasks.{stage}"), f"{stage}_task")
         return task, {"manifest": manifest, "config": getattr(d, "validate_" if stage == "validate" else stage),
                       **common}
     if stage in ("caption", "review"):
-        task = caption_task if stage == "caption" else review_task
+        task = getattr(importlib.import_module(f"tasks.{stage}"), f"{stage}_task")
         if stage == "caption" and config.caption.backend != "transformers":
-            task = caption_task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
+            task = task.with_options(tags=["caption-api"])  # a remote server's captions need no GPU slot
         return task, {"manifest": manifest, "config": getattr(config, stage), "name": config.name,
                       "tokenizer_from": config.train.tokenizer_source, **common}
     if stage == "probe":
+        from tasks.probe import probe_task
+
         return probe_task, {"manifest": manifest, "train": config.train, "probe": config.probe, "name": config.name,
                             "resolution": config.dataset.crop.resolution, **common}
     if stage == "train":
+        from tasks.train import train_task
+
         return train_task, {"manifest": manifest, "config": config.train, "name": config.name,
                             "crop": config.dataset.crop, **common}
     if stage == "export":
+        from tasks.export import export_task
+
         train = extra["train"]
         return export_task, {"lora_file": train["lora_file"], "manifest": manifest, "name": config.name,
                              "train_result": train, "train_config": config.train,
                              "resolution": config.dataset.crop.resolution,
                              "update_latest": extra.get("update_latest", True), **common}
     if stage == "evaluate":
+        from tasks.evaluate import evaluate_task
+
         return evaluate_task, {"lora_file": extra["lora_file"], "config": config.evaluate, "train": config.train,
                                "name": config.name, "resolution": config.dataset.crop.resolution,
                                "manifest": manifest or extra.get("manifest"), **common}
@@ -73,7 +77,12 @@ def stage_call(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: st
 def run_stage(stage: Stage, config: PipelineConfig, ws: Workspace, manifest: str | None = None,
               **extra) -> tuple[dict, bool]:
     task, kwargs = stage_call(stage, config, ws, manifest, **extra)
-    return call_stage(task, ws, **kwargs)
+    result, cached = call_stage(task, ws, **kwargs)
+    if stage == "export" and extra.get("update_latest", True):  # loras/<name>.safetensors: this export's, cached or not
+        from tasks.export import publish_latest
+
+        publish_latest(result, config.train.keep_lora_versions)
+    return result, cached
 
 
 class MissingInput(ValueError):
@@ -94,6 +103,9 @@ def input_for(stage: Stage, ws: Workspace, config: PipelineConfig) -> tuple[str 
     if not path.exists():
         raise MissingInput(f"{path} does not exist: run `lorapipe {STAGE_INPUT[stage]}` first")
     if stage == "export":
+        from tasks.probe import decided, recorded_decision
+        from tasks.train import trained_run
+
         probe = recorded_decision(ws, str(path), config)  # train_text_encoders: auto, as the probe decided
         train_config = decided(config, probe).train if probe else config.train
         train = trained_run(str(path), str(ws.root), train_config, config.name, config.dataset.crop)
@@ -116,12 +128,13 @@ def reviewed_manifest(config: PipelineConfig, ws: Workspace) -> str:
 @flow(name="stage", flow_run_name="{stage}")
 def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     """One stage on a workspace, reading the previous stage's latest manifest (`lorapipe <stage> WS`)."""
-    check_run(config)
-    ws = Workspace.at(config.workspace_path())
+    ws = check_before_stages(config, [stage, "export"] if stage == "train" else [stage])
     manifest, extra = input_for(stage, ws, config)
     if stage == "train":  # captions edited in images/*.txt since the last review count
         manifest = reviewed_manifest(config, ws)
     if stage in ("train", "export"):  # the probe decides train_text_encoders: auto (cached after its first run)
+        from tasks.probe import decided, decision_summary
+
         probe, _ = run_stage("probe", config, ws, manifest)
         config = decided(config, probe)
         if stage == "export":
@@ -133,5 +146,6 @@ def stage_flow(stage: Stage, config: PipelineConfig) -> dict:
     if stage == "train":  # what users load comes from export: `lorapipe train` gives them a file
         result["text_encoders"] = decision_summary(probe)
         exported, _ = run_stage("export", config, ws, manifest, train=result)
-        result = {**result, "exported": exported["lora"], "latest": exported["latest"]}
+        result = {**result, "lora": exported["lora"], "diffusers": exported["diffusers"],
+                  "version": exported["version"]}
     return {**result, "cached": cached}

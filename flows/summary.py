@@ -106,3 +106,45 @@ def print_summary(result: dict, console: Console | None = None) -> None:
         console.print(review)
     console.print(f"samples (top: base model, bottom: with the LoRA): {result['samples']}")
     console.print(f"LoRA: [bold]{result['lora_latest']}[/bold]")
+
+
+# A stage result's paths, in the order a person looks for them, with their labels.
+STAGE_PATHS = [("lora", "LoRA"), ("diffusers", "LoRA (diffusers)"), ("samples", "samples"), ("manifest", "manifest"),
+               ("run_dir", "training run")]
+
+
+def stage_paths(result: dict) -> list[tuple[str, str]]:
+    """(label, path) of what a stage wrote, printed below its table, one a line (whole, to copy)."""
+    paths = []
+    for key, label in STAGE_PATHS:
+        value = result.get(key)
+        if isinstance(value, list):  # the samples rendered during training: the folder
+            value, label = str(Path(value[-1]).parent) if value else None, "samples during training"
+        elif key == "samples":
+            label = "samples (top: base model, bottom: with the LoRA)"
+        if isinstance(value, str) and value:  # evaluate's "lora" is the LoRA's facts, not a path
+            paths.append((label, value))
+    return paths
+
+
+def stage_rows(result: dict) -> list[tuple[str, str]]:
+    """The rows of a stage command's table: its counts (per-image caches as new/reused) and numbers."""
+    rows = []
+    for key, value in (result.get("stats") or {}).items():
+        rows.append((key.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, list) else str(value)))
+    for key, value in (result.get("cache") or {}).items():  # train: latents and text embeddings
+        rows.append((key.replace("_", " "), f"{value.get('computed', 0)} new, {value.get('reused', 0)} reused"))
+    if result.get("steps") is not None:
+        rows.append(("optimizer steps", str(result["steps"])))
+    if result.get("final_loss") is not None:
+        rows.append(("final loss", f"{result['final_loss']:.4f}"))
+    if result.get("mean_abs_difference") is not None:
+        rows.append(("LoRA vs base (mean pixel change)", f"{result['mean_abs_difference']:.2f} / 255"))
+    if result.get("size_bytes"):
+        rows.append(("LoRA size", human_size(result["size_bytes"])))
+    # train: the text-encoder decision; evaluate: identity and style pollution, as `lorapipe run` shows them
+    # (only then: tasks.evaluate imports torch, seconds of a cached dedup command)
+    evaluated = result if result.get("stage") == "evaluate" else {}
+    if evaluated or result.get("text_encoders"):
+        rows += evidence_rows(evaluated, result.get("text_encoders"))
+    return rows

@@ -218,6 +218,8 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int = Field(
         20, ge=0, le=1_000_000, description="Also checkpoint every N steps (0: epoch ends only)")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Complete checkpoints kept; older ones are pruned")
+    keep_lora_versions: int = Field(
+        2, ge=0, le=1000, description="Earlier exported LoRAs kept in loras/versions/ (0: only loras/<name>.safetensors)")
     sample_prompts: list[str] = Field(
         default_factory=lambda: ["a photo of {name}", "a portrait of {name}, smiling, outdoors"],
         description="Rendered at epoch ends with {name} as the name and as 'a person'",
@@ -432,9 +434,12 @@ def load_config(path: str | Path, **overrides) -> PipelineConfig:
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
+    """`overrides` merged into `base`, section by section. A `None` (YAML `null`, or an empty value) removes
+    the setting, so its default applies again: `vae: null` clears a remembered VAE override."""
     merged = dict(base)
     for key, value in overrides.items():
         if value is None:
+            merged.pop(key, None)
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)

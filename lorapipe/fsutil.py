@@ -173,5 +173,19 @@ def atomic_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
+def atomic_link(src: str | os.PathLike, dest: str | os.PathLike, suffix: str = "") -> Path:
+    """`dest` becomes the same file as `src`: a hard link (no second copy of the bytes) where the file system
+    allows one, else a copy; atomically either way. Nothing is done when it already is that file."""
+    if Path(dest).exists() and os.path.samefile(src, dest):
+        return Path(dest)
+    with atomic_path(dest, suffix=suffix) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, tmp)
+    return Path(dest)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorapipe.fsutil import atomic_path
+from lorapipe.textio import printable
 
 Status = Literal["kept", "rejected"]
 Review = Literal["approved", "rejected", "pending"]
@@ -68,6 +69,13 @@ class ImageRecord(BaseModel):
     review: Review | None = None
     review_reasons: list[str] = Field(default_factory=list, description="Rules that flagged the caption")
     reviewed_by: str | None = Field(None, description="The person who approved, edited or dropped it")
+
+    @field_validator("source", "reason")
+    @classmethod
+    def writable(cls, value: str | None) -> str | None:
+        """A file name that is not UTF-8 is kept, its bad bytes escaped (`caf\\xe9.jpg`): the record can be
+        written, and the photo is not lost."""
+        return None if value is None else printable(value)
 
     def reject(self, reason: str, duplicate_of: str | None = None) -> "ImageRecord":
         return self.model_copy(update={"status": "rejected", "reason": reason, "duplicate_of": duplicate_of})

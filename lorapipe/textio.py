@@ -46,3 +46,16 @@ def read_user_text(path: str | os.PathLike, what: str = "file") -> str:
     except OSError as err:
         raise UserError(f"{path}: cannot read this {what} ({err.strerror or err})") from None
     return decode_user_text(data, path)
+
+
+def printable(text: str) -> str:
+    """`text` as it can be written as UTF-8 (manifests, logs, the UI), with nothing dropped.
+
+    A file name whose bytes are not UTF-8 (a Latin-1 `café.jpg` from an old Windows copy, in a folder or a
+    tar) reaches Python with each bad byte as a lone surrogate (PEP 383), which no UTF-8 writer accepts;
+    each becomes `\\xNN`, the byte it stands for: `caf\\xe9.jpg`. Other text is returned as it is.
+    """
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff"
+                   else f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text)

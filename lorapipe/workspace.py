@@ -9,7 +9,9 @@ temp files a killed holder left (`Workspace.remove_stale_temps`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,23 +20,71 @@ from lorapipe.errors import UserError
 from lorapipe.fsutil import file_lock, remove_temps
 
 LOCKS = ".locks"
+# File names are made from the slug (loras/versions/<slug>-<key>.diffusers.safetensors): well under 255 bytes.
+MAX_SLUG_CHARS = 120
 # (folder, glob) of the temp files each stage writes outside manifests/ (fsutil.atomic_path names them).
 STAGE_TEMPS = {"collect": [("raw", ".*")], "crop": [("images", ".*.tmp.png")], "review": [("images", ".*.txt.*.tmp")]}
 
 
+def ascii_name(text: str) -> str:
+    """`text` in ASCII letters, transliterated by anyascii: "Zoë Laurent" -> "Zoe Laurent", "Ольга" -> "Ol'ga",
+    "王小明" -> "Wang Xiao Ming" (a syllable of a script without case, such as Chinese or Hangul, is a word)."""
+    from anyascii import anyascii
+
+    out = []
+    for char in text:
+        latin = anyascii(char)
+        caseless = not char.isascii() and char.lower() == char.upper()
+        out.append(f" {latin} " if caseless and latin[:1].isupper() and len(latin) > 1 else latin)
+    return "".join(out)
+
+
 def slugify(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "dataset"
+    """The name as lowercase ASCII words joined by "-", for folders, files and Prefect artifact keys:
+    "Zoë Laurent" -> "zoe-laurent", "王小明" -> "wang-xiao-ming", "Ольга Петрова" -> "olga-petrova".
+
+    A name with nothing to transliterate gets "person-" and a hash of the name: never a name shared by
+    different people.
+    """
+    ascii_text = ascii_name(name).lower().replace("'", "").replace("`", "")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")[:MAX_SLUG_CHARS].strip("-")
+    return slug or f"person-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+# The stem of a training image's name, from its source's file name: letters and digits of any script kept.
+IMAGE_STEM_CHARS = 60
+
+
+def training_image_name(source: str, image_id: str, bucket: str | None = None) -> str:
+    """images/ file name of a training image: its source's name, a short id against collisions, and the
+    bucket when it was re-cropped: `IMG_0042-3f9a1c2e.png`, `IMG_0042-3f9a1c2e-1024x1024.png`.
+
+    A kohya user opening images/ in a caption tool sees which photo is which. `source` is a path, a URL or
+    `archive.zip!/member.jpg`; anything but letters, digits, "_", "-" and "." becomes "-".
+    """
+    from urllib.parse import unquote, urlsplit
+
+    name = source.rsplit("!/", 1)[-1]
+    if "://" in name:
+        name = unquote(urlsplit(name).path)
+    stem = unicodedata.normalize("NFC", name.rsplit("/", 1)[-1]).rsplit(".", 1)[0]
+    stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.")[:IMAGE_STEM_CHARS].strip("-.") or "image"
+    return f"{stem}-{image_id[:8]}{f'-{bucket}' if bucket else ''}.png"
 
 
 @dataclass(frozen=True)
 class Workspace:
     root: Path
 
+    @staticmethod
+    def at_path(root: str | Path) -> Path:
+        """The absolute path of the workspace `root` names (nothing is created)."""
+        return Path(root).expanduser().resolve()
+
     @classmethod
     def at(cls, root: str | Path) -> "Workspace":
         """The workspace at `root`, its folders created. Raises UserError if a file is in the way."""
-        ws = cls(Path(root).expanduser().resolve())
+        ws = cls(cls.at_path(root))
         for folder in (ws.root, ws.raw, ws.images, ws.cache, ws.manifests, ws.runs, ws.loras):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"{folder}: is a file; a workspace needs a folder here (choose another workspace)")

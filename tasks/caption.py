@@ -36,7 +36,8 @@ from lorapipe.modelfiles import check_model_source
 from lorapipe.policy import api_key_problem, caption_destination_problem, current_policy
 from lorapipe.workspace import Workspace, slugify
 from tasks.progress import StageProgress
-from tasks.stage import code_version, finish_manifest_stage, manifest_digest, retry_unless_permanent, stage_key, stage_task
+from tasks.stage import (code_version, finish_manifest_stage, manifest_digest, retry_if_transient, stage_key, stage_task,
+                         stage_boundary)
 
 log = logging.getLogger("lorapipe.caption")
 
@@ -281,6 +282,7 @@ def run_caption_chunk(manifest: str, workspace: str, config: CaptionConfig, ids:
 
 
 # Not tagged "gpu": the chunks run on the cluster's workers, each with its own GPU (see README, Scale-out).
-# A failure no retry can fix (a missing dependency, a rejected key) is not retried.
-caption_chunk_task = task(run_caption_chunk, name="caption-chunk", cache_policy=NO_CACHE, retries=2,
-                          retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+# Retried only for what a retry can get past (a lost worker or connection), not a missing dependency or a
+# rejected key.
+caption_chunk_task = task(stage_boundary(run_caption_chunk, "caption-chunk"), name="caption-chunk",
+                          cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)

@@ -24,7 +24,7 @@ from lorapipe.errors import UserError
 from lorapipe.fsutil import atomic_copy, sha256_file
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord
-from lorapipe.textio import read_user_text
+from lorapipe.textio import printable, read_user_text
 from lorapipe.workspace import Workspace
 from tasks.stage import code_version, finish_manifest_stage, stage_key, stage_task
 
@@ -68,6 +68,7 @@ def _now() -> str:
 
 def _failed(source: str, reason: str, fetched_at: str) -> ImageRecord:
     """A record for a source that gave no bytes: its id is the hash of the source, not of content."""
+    source = printable(source)
     return ImageRecord(id=hashlib.sha256(source.encode()).hexdigest(), source=source, fetched_at=fetched_at,
                        status="rejected", reason=reason)
 
@@ -108,7 +109,7 @@ def collect_archive(path: str | Path, ws: Workspace, config: CollectConfig) -> t
         return [_failed(str(path), err.reason, _now())], {"files": 1, "computed": 0, "reused": 0}
     records, new = [], 0
     for item in items:
-        source = f"{path}!/{item.name}"
+        source = printable(f"{path}!/{item.name}")  # a tar keeps a Latin-1 name's bytes: escaped
         if item.reason:
             log.warning("%s: rejected (%s)", source, item.reason)
             records.append(_failed(source, item.reason, _stamp(path)))
@@ -209,7 +210,6 @@ def collect_sources(images: str | list[str], ws: Workspace, config: CollectConfi
     """Every source in order; the stats add up, with `rejected` counting sources that gave no image."""
     records: list[ImageRecord] = []
     stats = {"files": 0, "computed": 0, "reused": 0}
-    urls: list[str] = []
     for source in as_sources(images):
         kind = source_kind(source)
         if kind == "folder":

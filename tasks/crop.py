@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -18,11 +16,11 @@ from PIL import Image, ImageOps
 from lorapipe.buckets import bucket_name, nearest_bucket, sdxl_buckets
 from lorapipe.config import CropConfig
 from lorapipe.faces import center_crop, crop_size, detect_faces, face_crop, saliency_crop
-from lorapipe.fsutil import atomic_path
+from lorapipe.fsutil import atomic_link, atomic_path
 from lorapipe.images import ALLOWED_FORMATS, to_rgb
 from lorapipe.item_cache import ItemCache
 from lorapipe.manifest import ImageRecord, read_manifest
-from lorapipe.workspace import Workspace
+from lorapipe.workspace import Workspace, training_image_name
 from tasks.stage import code_version, finish_manifest_stage, manifest_digest, stage_key, stage_task
 
 log = logging.getLogger("lorapipe.crop")
@@ -69,16 +67,8 @@ def plan_and_crop(src, dest: Path, width: int, height: int, bucket: tuple[int, i
 
 
 def publish(cached: Path, dest: Path) -> Path:
-    """Put the cached crop at images/<id>.png (a hard link where possible), replacing an older crop."""
-    if dest.exists() and os.path.samefile(cached, dest):
-        return dest
-    with atomic_path(dest, suffix=".png") as tmp:
-        tmp.unlink()
-        try:
-            os.link(cached, tmp)
-        except OSError:  # another file system, or links not allowed
-            shutil.copyfile(cached, tmp)
-    return dest
+    """Put the cached crop at its images/ name (a hard link where possible), replacing an older crop."""
+    return atomic_link(cached, dest, suffix=".png")
 
 
 def crop_to_bucket(record: ImageRecord, ws: Workspace, config: CropConfig, bucket: tuple[int, int],
@@ -110,6 +100,18 @@ def cropped_fields(record: ImageRecord, plan: dict, image_path: str) -> dict:
     }
 
 
+def retire_id_names(ws: Workspace, image_id: str, dest: Path) -> None:
+    """Images were once named by their full sha256 (images/<id>.png, <id>-<bucket>.png): remove those crops
+    (the cache keeps them), and move a caption sidecar to the new name, so a caption edited by hand is kept."""
+    for old in ws.images.glob(f"{image_id}*"):
+        if old in (dest, dest.with_suffix(".txt")):  # a source itself named by its sha256 (another raw/)
+            continue
+        if old.suffix == ".txt" and not dest.with_suffix(".txt").exists():
+            old.rename(dest.with_suffix(".txt"))
+        elif old.suffix == ".png":
+            old.unlink(missing_ok=True)
+
+
 def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) -> tuple[list, dict]:
     buckets = sdxl_buckets(config.resolution, config.bucket_step)
     cache = ItemCache(ws.cache, "crop")
@@ -119,7 +121,8 @@ def crop_records(records: list[ImageRecord], ws: Workspace, config: CropConfig) 
             out.append(record)
             continue
         bucket = nearest_bucket(record.width, record.height, buckets)
-        dest = ws.images / f"{record.id}.png"
+        dest = ws.images / training_image_name(record.source, record.id)
+        retire_id_names(ws, record.id, dest)
         plan = crop_to_bucket(record, ws, config, bucket, cache, dest)
         scale = plan["scale"]
         flags = [f for f in record.flags if not f.startswith("upscaled")]

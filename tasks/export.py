@@ -1,7 +1,9 @@
 """Export: the LoRA as the files users load, with lineage metadata, under loras/.
 
 `<name>.safetensors` is kohya format (ComfyUI, A1111, Forge; diffusers loads it too);
-`<name>.diffusers.safetensors` is diffusers format. Both also keep a copy named by the run's key.
+`<name>.diffusers.safetensors` is diffusers format: the one name people use. Each export is also kept as
+`versions/<name>-<key>.safetensors` (the names are hard links to it: no second copy), the newest
+`train.keep_lora_versions` earlier ones beside it; older versions are pruned.
 A training that took no optimizer step, or whose LoRA is all zeros (it equals the base model), is refused
 before anything is written: the latest LoRA stays the last good one.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 from pathlib import Path
 
 from lorapipe.config import TrainConfig
 from lorapipe.errors import UserError
-from lorapipe.fsutil import atomic_copy, sha256_file
+from lorapipe.fsutil import atomic_link, sha256_file
 from lorapipe.manifest import read_manifest
 from lorapipe.workspace import Workspace, slugify
 from tasks.stage import code_version, stage_key, stage_task
@@ -22,6 +25,8 @@ from trainer.export import export_diffusers_lora, export_kohya_lora, kohya_metad
 from trainer.models import is_single_file
 
 log = logging.getLogger("lorapipe.export")
+
+VERSIONS = "versions"  # loras/versions/<name>-<export key>.safetensors: each export, kept by train.keep_lora_versions
 
 VERSIONED = ["lorapipe", "torch", "diffusers", "peft", "transformers", "accelerate", "prefect"]
 
@@ -97,32 +102,62 @@ def export_key(lora_file: str, manifest: str, workspace: str, name: str, train_r
 
 def run_export(lora_file: str, manifest: str, workspace: str, name: str, train_result: dict,
                train_config: TrainConfig, resolution: int, update_latest: bool = True) -> dict:
-    """`update_latest`: also copy to `<name>.safetensors` (off for the rank comparison's extra LoRAs)."""
+    """`update_latest`: the export is the one `<name>.safetensors` names (off for a rank comparison's extra
+    LoRAs); the caller links the name to it (`publish_latest`)."""
     check_trained(lora_file, train_result)
     ws = Workspace.at(workspace)
     key = export_key(lora_file, manifest, workspace, name, train_result, train_config, resolution, update_latest)
     records = trained_records(manifest, train_result)
     facts = lineage(records, name, train_result, train_config)
+    # The export people load goes to versions/ (loras/<name>.safetensors links to it, see `publish_latest`);
+    # a rank comparison's extra LoRAs stay beside the latest, named by their key, and are never pruned.
+    folder = ws.loras / VERSIONS if update_latest else ws.loras
+    folder.mkdir(exist_ok=True)
     stem = f"{slugify(name)}-{key[:8]}"
-    diffusers_file = export_diffusers_lora(lora_file, ws.loras / f"{stem}.diffusers.safetensors", facts)
+    diffusers_file = export_diffusers_lora(lora_file, folder / f"{stem}.diffusers.safetensors", facts)
     metadata = kohya_metadata(train_config, train_result, name, [r.caption for r in records], resolution, facts)
-    kohya_file = export_kohya_lora(lora_file, ws.loras / f"{stem}.safetensors", metadata, train_config.alpha,
+    kohya_file = export_kohya_lora(lora_file, folder / f"{stem}.safetensors", metadata, train_config.alpha,
                                    unet_layers_per_block(train_config))
-    latest = kohya_file
-    if update_latest:
-        latest = atomic_copy(kohya_file, ws.loras / f"{slugify(name)}.safetensors")
-        atomic_copy(diffusers_file, ws.loras / f"{slugify(name)}.diffusers.safetensors")
-    log.info("LoRA written to %s (kohya, %.1f MB) and %s", kohya_file, kohya_file.stat().st_size / 1e6,
-             diffusers_file.name)
-    return {
+    result = {
         "stage": "export",
         "key": key,
-        "lora": str(kohya_file),
-        "diffusers": str(diffusers_file),
-        "latest": str(latest),
+        "lora": str(ws.loras / f"{slugify(name)}.safetensors" if update_latest else kohya_file),
+        "diffusers": str(ws.loras / f"{slugify(name)}.diffusers.safetensors" if update_latest else diffusers_file),
+        "version": str(kohya_file),
         "size_bytes": kohya_file.stat().st_size,
         "outputs": [str(kohya_file), str(diffusers_file)],
     }
+    log.info("LoRA written to %s (kohya, %.1f MB) and %s", result["lora"], kohya_file.stat().st_size / 1e6,
+             Path(result["diffusers"]).name)
+    return result
+
+
+def publish_latest(result: dict, keep_versions: int) -> None:
+    """Make loras/<name>.safetensors and .diffusers.safetensors the export `result` names (hard links to its
+    version files: no second copy of the bytes), whether the export ran now or came from the cache; then
+    prune the versions beyond the newest `keep_versions` earlier ones (`train.keep_lora_versions`).
+
+    A pruned version's export runs again when asked for (its cached result points at missing files).
+    """
+    kohya_version, diffusers_version = (Path(p) for p in result["outputs"][:2])
+    atomic_link(kohya_version, result["lora"])
+    atomic_link(diffusers_version, result["diffusers"])
+    prune_versions(kohya_version.parent, kohya_version, keep_versions)
+
+
+def prune_versions(folder: Path, current: Path, keep: int) -> list[Path]:
+    """Delete the exported versions in `folder` beyond the newest `keep` besides `current`; returns them."""
+    stem = current.name.removesuffix(".safetensors").rsplit("-", 1)[0]  # <name>-<key[:8]>.safetensors
+    version = re.compile(rf"{re.escape(stem)}-[0-9a-f]{{8}}\.safetensors")
+    earlier = sorted((p for p in folder.iterdir() if version.fullmatch(p.name) and p != current),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    pruned = earlier[keep:]
+    for kohya in pruned:
+        kohya.unlink(missing_ok=True)
+        kohya.with_name(kohya.name.replace(".safetensors", ".diffusers.safetensors")).unlink(missing_ok=True)
+    if pruned:
+        log.info("pruned %d earlier LoRA version(s) in %s (train.keep_lora_versions: %d)", len(pruned), folder, keep)
+    return pruned
 
 
 export_task = stage_task(run_export, export_key, name="export")

@@ -7,16 +7,19 @@ invalidates exactly what it should. Results are small JSON documents (paths, has
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prefect import task
 
-from lorapipe.errors import is_permanent
+from lorapipe.errors import UserError, is_out_of_memory, is_permanent, is_retryable
 from lorapipe.fsutil import atomic_copy, sha256_file, stable_hash
+from lorapipe.logs import quiet_libraries
 from lorapipe.manifest import ImageRecord, write_manifest
 from lorapipe.workspace import Workspace
 
@@ -59,20 +62,62 @@ def finish_manifest_stage(
     return {"stage": stage, "key": key, "manifest": str(out), "stats": stats, "outputs": [str(out)]}
 
 
-def retry_unless_permanent(task, task_run, state) -> bool:
-    """Prefect's retry condition: a UserError (a bad setting, a missing file or dependency) is not retried."""
-    return not is_permanent(state.result(raise_on_failure=False))
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: only a failure a retry can get past (lorapipe/errors.py, `is_retryable`)."""
+    return is_retryable(state.result(raise_on_failure=False))
+
+
+# What to change when a stage runs out of (GPU) memory, from the task's arguments. The training process
+# says its own (tasks/train.py).
+OUT_OF_MEMORY_HINTS: dict[str, Callable[[dict], str]] = {
+    "caption": lambda a: (f"lower caption.batch_size (now {a['config'].batch_size})"
+                          + (", or set caption.quantization: 4bit" if a["config"].quantization == "none" else "")),
+    "caption-chunk": lambda a: f"lower caption.batch_size (now {a['config'].batch_size})",
+    "evaluate": lambda a: (f"it renders at {a['resolution']} px (dataset.crop.resolution): free the GPU of other "
+                           "work, or run `lorapipe evaluate` on a GPU with more memory"),
+    "probe": lambda a: (f"it renders at {a['resolution']} px (dataset.crop.resolution): free the GPU of other "
+                        "work, or set train.train_text_encoders to true or false (no probe)"),
+}
+
+
+# The model libraries a stage loads in this process (their notes and loading bars are quieted first).
+LOADS_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "caption": ("transformers",), "caption-chunk": ("transformers",), "evaluate": ("transformers", "diffusers"),
+    "probe": ("transformers", "diffusers"),
+}
+
+
+def stage_boundary(fn: Callable, name: str) -> Callable:
+    """`fn` as a stage runs it: the libraries it loads quieted (lorapipe/logs.py), and torch's out-of-memory
+    error turned into a UserError naming the stage and the setting to change: one line for the person
+    instead of a traceback, and never retried (the same batch on the same GPU runs out again)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if name in LOADS_LIBRARIES:
+            quiet_libraries(LOADS_LIBRARIES[name])
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if not is_out_of_memory(err) or is_permanent(err):
+                raise
+            arguments = inspect.signature(fn).bind(*args, **kwargs).arguments
+            hint = OUT_OF_MEMORY_HINTS.get(name, lambda a: "free the GPU or use a larger one")(arguments)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{name}: out of memory ({first[:160]}): {hint}") from err
+
+    return run
 
 
 def stage_task(fn: Callable, key_fn: Callable[..., str], name: str, retries: int = 2, **options):
-    """The stage as a Prefect task: cached on `key_fn(**parameters)`, retried unless the failure is a
-    UserError (lorapipe/errors.py), result persisted as JSON."""
+    """The stage as a Prefect task: cached on `key_fn(**parameters)`, retried only when the failure is
+    transient (lorapipe/errors.py), out of memory as a UserError, result persisted as JSON."""
 
     def cache_key(context, parameters: dict) -> str:
         return f"{name}-{key_fn(**parameters)}"
 
     return task(
-        fn,
+        stage_boundary(fn, name),
         name=name,
         cache_key_fn=cache_key,
         persist_result=True,
@@ -80,7 +125,7 @@ def stage_task(fn: Callable, key_fn: Callable[..., str], name: str, retries: int
         retries=retries,
         retry_delay_seconds=[2, 10, 30][: max(retries, 1)],
         retry_jitter_factor=0.5,
-        retry_condition_fn=retry_unless_permanent,
+        retry_condition_fn=retry_if_transient,
         **options,
     )
 

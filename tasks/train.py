@@ -25,16 +25,16 @@ from pathlib import Path
 
 from lorapipe.buckets import bucket_name, merge_targets
 from lorapipe.config import CropConfig, TrainConfig
-from lorapipe.errors import UserError
+from lorapipe.errors import TransientError, UserError
 from lorapipe.fsutil import atomic_copy, file_lock, remove_temps
 from lorapipe.item_cache import ItemCache
 from lorapipe.lifeline import child_env
 from lorapipe.manifest import ImageRecord, read_manifest, write_manifest
-from lorapipe.workspace import Workspace, slugify
+from lorapipe.workspace import Workspace, slugify, training_image_name
 from tasks.crop import crop_to_bucket, cropped_fields
 from tasks.progress import StageProgress
 from tasks.stage import code_version, manifest_digest, stage_key, stage_task
-from trainer.__main__ import USER_ERROR_EXIT
+from trainer.__main__ import PLAIN_LOG_ENV, USER_ERROR_EXIT
 from trainer.data import Example, holds, split_holdout
 from trainer.identity import RUN_FILE, describe_changes, run_identity, run_key, weight_settings
 from trainer.job import JOB_FILE, Job
@@ -43,6 +43,8 @@ from trainer.loop import LORA_WEIGHTS
 log = logging.getLogger("lorapipe.train")
 
 RUN_LOCK = ".lock"
+# What torch says when CUDA (or MPS) runs out of memory, in the trainer's last lines.
+OUT_OF_MEMORY = "OutOfMemoryError"
 
 
 def trainable(record: ImageRecord) -> bool:
@@ -78,7 +80,7 @@ def refit_small_buckets(records: list[ImageRecord], ws: Workspace, min_images: i
             continue
         why = (f"bucket {record.bucket} has {counts[record.bucket_size]} image(s), fewer than "
                f"train.min_bucket_images {min_images}")
-        dest = ws.images / f"{record.id}-{bucket_name(target)}.png"
+        dest = ws.images / training_image_name(record.source, record.id, bucket_name(target))
         plan = crop_to_bucket(record, ws, crop, target, cache, dest, face=record.face)
         if record.face and not holds(plan["box"], record.face):
             out.append(record.reject(f"untrainable: its face does not fit a {bucket_name(target)} crop ({why})"))
@@ -159,7 +161,7 @@ def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
     job_file = job.write()
     command = trainer_command(job_file, job.config)
     tail: deque[str] = deque(maxlen=30)
-    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1", PLAIN_LOG_ENV: "1"})
     watch = ProgressFile(job.run_dir)
     watch.read_if_changed()  # a resumed run's old progress is not news
     # pass_fds: the trainer holds the run folder's lock too, so it stays locked while either process lives.
@@ -172,15 +174,24 @@ def _run_locked(job: Job, progress_key: str | None, lock_fd: int) -> dict:
                                 eta_seconds=p["eta_seconds"])
 
         for line in proc.stdout:
-            tail.append(line.rstrip())
-            log.info("%s", line.rstrip())
+            line = line.rstrip().rsplit("\r", 1)[-1]  # a progress bar's last state, if one slipped through
+            if not line.strip():
+                continue
+            tail.append(line)
+            log.info("%s", line)
             report()
         proc.wait()
         report()  # the last step's progress.json is written after its log line
     if proc.returncode == USER_ERROR_EXIT:  # the trainer refused the job: its one line, never retried
         raise UserError(tail[-1].removeprefix("error: ") if tail else "the trainer refused the job")
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
+    if proc.returncode != 0 and any(OUT_OF_MEMORY in line for line in tail):
+        # The same micro-batch on the same GPU runs out again: one line saying what to change, no retry.
+        c = job.config
+        raise UserError(f"train: out of GPU memory at train.micro_batch_size {c.micro_batch_size}: lower it, or set "
+                        "train.micro_batch_size: auto (the largest that fits)"
+                        + ("" if c.gradient_checkpointing else ", or train.gradient_checkpointing: true"))
+    if proc.returncode != 0:  # a crash or the run's timeout: the retry resumes from the last checkpoint
+        raise TransientError(f"training failed (exit code {proc.returncode}); last lines:\n" + "\n".join(tail))
     return json.loads((job.run_dir / "train_result.json").read_text())
 
 

@@ -384,13 +384,13 @@ def test_lorapipe_caption_keeps_going_past_a_refusal_and_asks_again(server, reco
     monkeypatch.setenv("VLM_KEY", KEY)
     ws = caption_workspace(tmp_path, records, workspace, server, tiny_models)
     server.script = [Reply(), Reply(content=None, message={"refusal": "I can't help with that."}), Reply()]
-    result = CliRunner().invoke(app, ["caption", ws])
+    result = CliRunner().invoke(app, ["caption", ws, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stats"]["failed"] == 1
     captioned = read_manifest(workspace.latest_manifest("caption"))
     assert [r.caption_error for r in captioned] == [None, "refused: I can't help with that.", None]
 
-    result = CliRunner().invoke(app, ["caption", ws])  # not the stage's cached result: one image to ask again
+    result = CliRunner().invoke(app, ["caption", ws, "--json"])  # not the stage's cached result: one image to ask again
     assert result.exit_code == 0, result.output
     assert len(server.requests) == 4 and json.loads(result.stdout)["stats"]["failed"] == 0
 
@@ -405,7 +405,7 @@ def test_lorapipe_caption_stops_at_once_on_a_server_without_image_input(server, 
     ws = caption_workspace(tmp_path, records, workspace, server, tiny_models)
     server.script = [LLAMA_CPP_NO_MMPROJ] * 20
     result = CliRunner().invoke(app, ["caption", ws])
-    assert isinstance(result.exception, UserError)  # `lorapipe` prints it as one line, exit status 2
-    assert "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj" in str(
-        result.exception)
+    assert result.exit_code == 2  # one line, no traceback
+    assert "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj" in (
+        result.stderr)
     assert len(server.requests) == 1  # neither the request nor the stage was retried

@@ -52,34 +52,59 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
 
     # A stage reads the latest manifest of the stage before it: rerunning dedup is a no-op.
     before = (ws / "manifests" / "dedup.jsonl").read_bytes()
-    assert runner.invoke(app, ["dedup", str(ws)]).exit_code == 0
-    assert (ws / "manifests" / "dedup.jsonl").read_bytes() == before
+    result = runner.invoke(app, ["dedup", str(ws)])
+    assert result.exit_code == 0 and (ws / "manifests" / "dedup.jsonl").read_bytes() == before
+    # A stage command ends with a table, as `lorapipe run` does (--json gives the result to scripts).
+    assert result.stdout.startswith("lorapipe dedup: re-used from the cache") and "near duplicates" in result.stdout
+    assert f"manifest: {ws / 'manifests' / 'dedup.'}" in result.stdout and "{" not in result.stdout
 
-    result = runner.invoke(app, ["train", str(ws)])
+    result = runner.invoke(app, ["train", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
-    assert trained["steps"] >= 2 and (ws / "loras" / "jane-doe.safetensors").exists()
+    lora = ws / "loras" / "jane-doe.safetensors"  # one name, the one people load
+    assert trained["steps"] >= 2 and trained["lora"] == str(lora)
+    assert sorted(p.name for p in lora.parent.iterdir()) == ["jane-doe.diffusers.safetensors", "jane-doe.safetensors",
+                                                              "versions"]
+    assert lora.samefile(trained["version"]) and lora.stat().st_nlink == 2  # a hard link: no second copy
 
     # export and evaluate run alone too: export writes the trained LoRA again, evaluate renders the grid.
-    for lora in (ws / "loras").iterdir():
-        lora.unlink()
-    result = runner.invoke(app, ["export", str(ws)])
+    shutil.rmtree(ws / "loras")
+    result = runner.invoke(app, ["export", str(ws), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["lora"].startswith(str(ws / "loras" / "jane-doe-"))
-    assert (ws / "loras" / "jane-doe.safetensors").exists()
-    result = runner.invoke(app, ["evaluate", str(ws)])
+    assert json.loads(result.stdout)["lora"] == str(lora) and lora.exists()
+    # Each export is a version; train.keep_lora_versions says how many earlier ones stay (here none).
+    keep_none = tmp_path / "keep-none.yaml"
+    keep_none.write_text("train: {keep_lora_versions: 0}\n")
+    result = runner.invoke(app, ["export", str(ws), "--config", str(keep_none), "--json"])
+    assert result.exit_code == 0, result.output
+    version = Path(json.loads(result.stdout)["version"])
+    assert sorted(p.name for p in version.parent.iterdir()) == [version.name.replace(".safetensors", ".diffusers"
+                                                                                     ".safetensors"), version.name]
+    assert lora.samefile(version)
+    result = runner.invoke(app, ["evaluate", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.stdout)
     # Base row over LoRA row: 1 prompt with the name and the 2 default ones without it, 2 seeds each, labelled.
     assert len(evaluated["columns"]) == 6 and evaluated["pollution"]["pixel_change"] is not None
     width, height = Image.open(evaluated["samples"]).size
     assert Path(evaluated["samples"]).exists() and width > 6 * 256 and 512 < height < 640
+    table = runner.invoke(app, ["evaluate", str(ws)], env={"COLUMNS": "200"}).stdout  # cached: what a person reads
+    assert "identity, with the LoRA" in table and "style pollution" in table and "{" not in table
+    assert f"samples (top: base model, bottom: with the LoRA): {evaluated['samples']}" in table
     shutil.rmtree(ws)
 
 
-def test_run_says_which_setting_is_missing():
+def test_run_says_which_flag_is_missing_or_wrong(tmp_path):
     result = runner.invoke(app, ["run", "--images", "photos"])
-    assert result.exit_code != 0 and "name: Field required" in result.output
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "lorapipe: --name is missing (the person's real name: the trigger in every caption)"
+    job = tmp_path / "job.yaml"
+    job.write_text("name: Jane Doe\nimages: photos\ntrain: {rank: 4}\n")
+    result = runner.invoke(app, ["run", "--config", str(job), "--epochs", "0"])  # the flag's value, not the file's
+    assert result.stderr.strip() == "lorapipe: --epochs 0: Input should be greater than or equal to 1"
+    job.write_text("name: Jane Doe\nimages: photos\ntrain: {rank: 0}\n")
+    result = runner.invoke(app, ["run", "--config", str(job), "--epochs", "3"])
+    assert result.stderr.strip() == f"lorapipe: {job}: train.rank: Input should be greater than or equal to 1"
 
 
 def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
@@ -97,7 +122,8 @@ def test_collect_takes_folders_and_archives_together(tmp_path, prefect_harness):
     ws = tmp_path / "ws"
 
     sources = [tmp_path / "photos", tmp_path / "more.zip", tmp_path / "single.png"]
-    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config)])
+    result = runner.invoke(app, ["collect", str(ws), *[f"--images={s}" for s in sources], "--config", str(config),
+                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stats"] == {"files": 4, "computed": 3, "reused": 0, "rejected": 1}
     records = read_manifest(ws / "manifests" / "collect.jsonl")
@@ -118,7 +144,7 @@ def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefe
         save(photo(900, 800, seed=seed), tmp_path / "photos" / f"{seed}.jpg")
     (tmp_path / "job.yaml").write_text(f"name: Jane Doe\nimages: {tmp_path / 'photos'}\n")
     lorapipe = str(Path(sys.executable).with_name("lorapipe"))
-    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml")],
+    done = subprocess.run([lorapipe, "collect", str(tmp_path / "ws"), "--config", str(tmp_path / "job.yaml"), "--json"],
                           env=prefect_server.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["stats"]["files"] == 2
@@ -129,3 +155,11 @@ def test_a_stage_command_is_a_flow_run_on_the_server_PREFECT_API_URL_names(prefe
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["stage"])))
     [run] = [r for r in runs if r.parameters["config"]["images"] == str(tmp_path / "photos")]
     assert run.name == "collect" and run.state.is_completed()
+
+    # A CPU stage's command, with its table, loads no torch (seconds of every cached stage command).
+    torch_loaded = ("import sys; sys.argv[0] = 'lorapipe'\ntry:\n    from flows.cli import main; main()\n"
+                    "finally:\n    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", torch_loaded, "validate", str(tmp_path / "ws")],
+                          env=prefect_server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "lorapipe validate: done" in done.stdout, done.stderr[-2000:]
+    assert "torch loaded: False" in done.stderr

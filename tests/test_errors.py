@@ -16,13 +16,15 @@ def test_a_user_error_is_not_retried_but_a_transient_one_is(prefect_harness):
 
     from tasks.stage import stage_task
 
-    calls = {"user": 0, "transient": 0}
+    calls = {"user": 0, "transient": 0, "bug": 0}
 
     def failing(kind: str) -> dict:
         calls[kind] += 1
         if kind == "user":
             raise UserError("settings.yaml: rank must be at least 1")
-        raise OSError("connection reset")
+        if kind == "bug":
+            raise KeyError("text_model")
+        raise ConnectionResetError("connection reset")
 
     task = stage_task(failing, lambda kind: kind, name="failing", retries=2).with_options(retry_delay_seconds=0)
 
@@ -32,6 +34,7 @@ def test_a_user_error_is_not_retried_but_a_transient_one_is(prefect_harness):
 
     assert run("user", return_state=True).is_failed() and calls["user"] == 1
     assert run("transient", return_state=True).is_failed() and calls["transient"] == 3
+    assert run("bug", return_state=True).is_failed() and calls["bug"] == 1  # the same again would fail the same
 
 
 def test_is_permanent_follows_the_exception_chain():

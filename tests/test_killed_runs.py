@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,7 +118,7 @@ def test_killed_collect_leaves_no_server_and_the_rerun_clears_its_temp_file(cli_
         assert kill_and_list_survivors(process) == []  # once: Prefect's temporary server, still listening
 
         SlowPhoto.release.set()
-        done = subprocess.run([LORAPIPE, "collect", str(ws)], env=cli_env, capture_output=True, text=True,
+        done = subprocess.run([LORAPIPE, "collect", str(ws), "--json"], env=cli_env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout)["stats"]["computed"] == 1
@@ -158,6 +159,20 @@ def test_two_runs_on_one_workspace_do_each_stage_once(two_runs):
         assert (ran, reused) == (1, 1), (stage, ran, reused)  # once: both ran every stage, two trainers at once
 
 
+def test_the_terminal_shows_each_line_once_and_no_library_notes(two_runs):
+    """What `lorapipe run` prints: the trainer's lines with one time and name, the preflight in words, none of
+    the libraries' notes or loading bars (they ask nothing of the user)."""
+    _, _, logs = two_runs
+    trained = next(log for log in logs if "train: ran " in log)
+    assert re.search(r"^\d\d:\d\d:\d\d lorapipe\.train preflight: 4 images \(0 held out\) in \d buckets \(", trained,
+                     re.MULTILINE)
+    assert re.search(r"^\d\d:\d\d:\d\d lorapipe\.train step 1/\d+  loss ", trained, re.MULTILINE)
+    assert not re.search(r"lorapipe\.train \d\d:\d\d:\d\d lorapipe\.train", trained)  # not prefixed twice
+    for noise in ("requires torchvision", "No LoRA keys associated", "Loading weights", "Loading pipeline components",
+                  '{"images":'):
+        assert noise not in trained, noise
+
+
 # --- a killed `lorapipe train`: its trainer dies with it; the rerun resumes ----------------------------
 
 
@@ -179,7 +194,7 @@ def test_killed_train_takes_its_trainer_along_and_the_rerun_resumes(two_runs, cl
     wait_for(progressed, "second optimizer step", process, log)
     assert kill_and_list_survivors(process) == []  # once: the trainer kept training, and writing checkpoints
 
-    done = subprocess.run([LORAPIPE, "train", str(ws)], env=cli_env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([LORAPIPE, "train", str(ws), "--json"], env=cli_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["resumed_from_step"] >= 1 and not result["cached"]

@@ -346,6 +346,23 @@ def test_new_photo_needing_review_suspends_the_nightly_notifies_and_trains_after
     assert new.review == "approved" and new.reviewed_by == "night-owl"
 
 
+def test_a_missing_photo_folder_fails_a_served_run_in_one_line_before_any_stage(served):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    missing = Path(served.config.images) / "no-such-folder"  # inside the served paths: the policy allows it
+    config = {**served.config.model_dump(mode="json", by_alias=True), "images": str(missing)}
+    expected = f"images: {missing}: no such folder, archive or URL list"
+    with api(served.server) as client:
+        run = wait_final(client, trigger(client, served.deployments["pipeline"], {"config": config}), timeout=120)
+        assert run.state.is_failed() and expected in run.state.message
+        deadline, lines = time.monotonic() + 30, []
+        while not any(expected in line for line in lines) and time.monotonic() < deadline:  # logs arrive in batches
+            time.sleep(1)
+            lines = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+        assert task_runs_under(client, run.id) == []  # no stage ran (no collect retried twice)
+    assert any(expected in line for line in lines) and not any("Traceback" in line for line in lines), lines
+
+
 def test_rank_comparison_deployment_reports_in_the_ui_and_reuses_a_trained_rank(served, first_run):
     """Triggered as the UI does, with the settings of the retrain above (epochs 1): its rank-8 LoRA is that
     training, cached; rank 2 trains. The report is an artifact on the run and a file in the workspace."""

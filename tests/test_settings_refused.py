@@ -121,7 +121,8 @@ def test_a_negative_micro_batch_is_a_usage_error_and_the_latest_lora_stays(tmp_p
     for flag in ("-1", "0"):
         result = runner.invoke(app, ["run", "--name", "Jane Doe", "--images", str(tmp_path), "--workspace", str(ws),
                                      "--micro-batch-size", flag])
-        assert "train.micro_batch_size: Input should be greater than or equal to 1" in one_line_error(result)
+        # said in the flag's name, as the person typed it
+        assert f"--micro-batch-size {flag}: Input should be greater than or equal to 1" in one_line_error(result)
     assert sha256_file(latest) == before and sorted(p.name for p in ws.iterdir()) == ["loras"]
 
 

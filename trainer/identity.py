@@ -24,7 +24,7 @@ RESULT_FILE = "train_result.json"
 
 RUN_ONLY_SETTINGS = frozenset({
     "timeout_minutes", "checkpoint_every_steps", "keep_checkpoints", "sample_prompts", "sample_every_epochs",
-    "sample_steps", "num_processes", "device", "gradient_checkpointing",
+    "sample_steps", "num_processes", "device", "gradient_checkpointing", "keep_lora_versions",
 })
 
 

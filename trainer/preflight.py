@@ -4,7 +4,6 @@ and an estimate of GPU memory.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 
@@ -44,7 +43,7 @@ def preflight(examples, holdout, schedule, steps, config, micro_batch_size, memo
     }
     if micro_batch_size == "auto":
         info["note"] = "micro-batch size probed on the GPU next; counts and memory here are for micro-batch 1"
-    log.info("preflight: %s", json.dumps(info))
+    log.info("%s", describe_preflight(info))
     if len(steps) < FEW_STEPS:
         log.warning(
             "only %d optimizer steps (%d images x %d epochs x %d repeats / batch %d): the LoRA may barely learn. "
@@ -53,6 +52,19 @@ def preflight(examples, holdout, schedule, steps, config, micro_batch_size, memo
             max(1, len(examples) * config.epochs * config.repeats // FEW_STEPS),
         )
     return info
+
+
+def describe_preflight(info: dict) -> str:
+    """The preflight for a person: `preflight: 10 images (0 held out) in 4 buckets (192x320 2, 256x256 3, ...);
+    micro-batch 2, 6 micro-batches per epoch, 4 epochs, effective batch 4: 9 optimizer steps; GPU memory
+    ~0.0 GiB (estimate)`."""
+    buckets = ", ".join(f"{bucket} {n}" for bucket, n in info["images_per_bucket"].items())
+    text = (f"preflight: {info['images']} images ({info['held_out_images']} held out) in "
+            f"{len(info['images_per_bucket'])} buckets ({buckets}); micro-batch {info['micro_batch_size']}, "
+            f"{info['micro_batches_per_epoch']} micro-batches per epoch, {info['epochs']} epochs, effective batch "
+            f"{info['effective_batch_size']}: {info['optimizer_steps']} optimizer steps; GPU memory "
+            f"~{info['estimated_gpu_memory_gib']} GiB (estimate)")
+    return text + (f" ({info['note']})" if "note" in info else "")
 
 
 def report_probed(info: dict, schedule, steps, config, micro_batch_size: int, memory_gib: float) -> dict:
