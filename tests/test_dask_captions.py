@@ -50,7 +50,7 @@ def test_the_caption_command_sends_captioning_to_the_cluster_scale_out_names(pre
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
 
-    result = CliRunner().invoke(app, ["caption", str(tmp_path / "workspace"), "--config", str(job)])
+    result = CliRunner().invoke(app, ["caption", str(tmp_path / "workspace"), "--config", str(job), "--json"])
     assert result.exit_code == 0, result.output
     done = json.loads(result.stdout)
     fanned = done["fan_out"]

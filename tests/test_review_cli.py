@@ -137,10 +137,10 @@ def test_training_uses_the_caption_files_as_edited(ws):
     lorapipe("review", ws, "--approve-all")
     edited = caption_file(ws, records_by_file(ws)["portrait_04.jpg"])
     edited.write_text("Jane Doe under an orange umbrella")  # then straight to training, no `lorapipe review`
-    trained = lorapipe("train", ws)
-    assert "jane doe under an orange umbrella" in training_captions(trained["exported"])
+    trained = lorapipe("train", ws, "--json")
+    assert "jane doe under an orange umbrella" in training_captions(trained["lora"])
     assert records_by_file(ws)["portrait_04.jpg"].caption == "Jane Doe under an orange umbrella"
-    assert lorapipe("train", ws)["cached"]  # nothing changed since: cached
+    assert lorapipe("train", ws, "--json")["cached"]  # nothing changed since: cached
 
     # `lorapipe run` (and the nightly, whose "anything new?" fingerprint counts the file) see an edit too.
     config = PipelineConfig.model_validate(json.loads((ws / "config.json").read_text()))

@@ -164,7 +164,7 @@ def test_served_run_logs_carry_the_numbers(served, first_run):
     steps = re.findall(r"step (\d+)/(\d+) +loss \d", train)
     assert steps and steps[-1][0] == steps[-1][1], train  # every training step, to the last
     # The run a person started ends with the summary `lorapipe run` prints.
-    assert "prefect.flow_runs | LoRA file: jane-doe-" in run and "work done (per image" in run
+    assert "prefect.flow_runs | LoRA file: jane-doe.safetensors" in run and "work done (per image" in run
 
 
 def field(page, label: str):
