@@ -373,6 +373,10 @@ for _name, _doc in {
     _stage_command(_name, _doc)
 
 
+COMPARISON_FLAGS = {"ranks": "--rank", "loras": "--lora", "resize_to": "--resize-to",
+                    "text_encoders": "--text-encoders", "tolerance": "--tolerance"}
+
+
 @app.command(name="compare-ranks")
 def compare_ranks(
     workspace: Path,
@@ -394,18 +398,20 @@ def compare_ranks(
     from flows.rank_comparison import rank_comparison
     from lorapipe.config import RankComparisonConfig
 
-    ws, cfg = _workspace_config(workspace, config)
-    manifest = _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
-    check_before_stages(cfg, TRAIN_STAGES, manifest)  # a missing model: one line, before a server starts
+    # The flags first: a bad one is one line naming it, before anything runs or is written.
     try:
         comparison = RankComparisonConfig.model_validate(_overrides(
             ranks=list(ranks) if ranks else None, loras=[str(p) for p in lora] if lora else None,
             resize_to=list(resize_to) if resize_to else None, text_encoders=text_encoders, tolerance=tolerance))
     except ValidationError as err:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+        raise UserError("; ".join(f"{COMPARISON_FLAGS.get(e['loc'][0], e['loc'][0])} {e.get('input')}: {e['msg']}"
+                                  for e in err.errors())) from None
     for path in comparison.loras:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such LoRA file (--lora)")
+    ws, cfg = _workspace_config(workspace, config)
+    manifest = _input_manifest(ws, "train", cfg)  # nothing reviewed yet: one line
+    check_before_stages(cfg, TRAIN_STAGES, manifest)  # a missing model: one line, before a server starts
     with prefect_api():
         report = rank_comparison(cfg, comparison)  # reviews again first: caption files edited since count
     typer.echo(Path(report["markdown"]).read_text(encoding="utf-8").split("![")[0], err=True)

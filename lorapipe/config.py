@@ -166,6 +166,11 @@ class ReviewConfig(Strict):
     )
 
 
+# A LoRA rank, wherever one is named (training, the rank comparison, resizing): a LoRA of rank 0 has no
+# weights, and kohya's tools and peft take none above a layer's features (SDXL's largest: 5120 in, 1280 out).
+Rank = Annotated[int, Field(ge=1, le=1024)]
+
+
 class TrainConfig(Strict):
     base_model: str = Field(SDXL_BASE, description="Hub id, local diffusers folder, or one .safetensors checkpoint")
     base_model_config: str | None = Field(
@@ -173,7 +178,7 @@ class TrainConfig(Strict):
     )
     revision: str | None = Field(None, description="Pin a hub revision")
     vae: str | None = Field(None, description="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix")
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank (8 is enough for a person)")
+    rank: Rank = Field(8, description="LoRA rank (8 is enough for a person)")
     alpha: float = Field(
         1.0, gt=0, le=1024,
         description="LoRA alpha; scale = alpha/rank. 1.0 as in kohya and OneTrainer, where 4e-4 was tuned",
@@ -353,14 +358,14 @@ class PipelineConfig(Strict):
 class RankComparisonConfig(Strict):
     """The same reviewed dataset trained at several ranks, each LoRA measured the same way."""
 
-    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 64, 128], min_length=1,
+    ranks: list[Rank] = Field(default_factory=lambda: [4, 8, 16, 64, 128], min_length=1,
                              description="LoRA ranks to train (alpha as in train.alpha)")
     text_encoders: Literal["decided", "both"] = Field(
         "decided", description="decided: as the probe (or train.train_text_encoders) says; both: each rank with "
         "and without text-encoder LoRA")
     loras: list[str] = Field(default_factory=list, description="Other kohya-format LoRA files of this person to "
                              "measure alongside (someone else's 64-dim file, a resized one)")
-    resize_to: list[int] = Field(default_factory=list, description="Also resize the largest trained rank to these "
+    resize_to: list[Rank] = Field(default_factory=list, description="Also resize the largest trained rank to these "
                                  "ranks by SVD and measure those files")
     tolerance: float = Field(0.03, ge=0, description="A rank whose mean face distance is within this of the best "
                              "counts as good enough (dlib distance; photos of one person spread ~0.05-0.1)")

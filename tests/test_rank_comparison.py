@@ -117,3 +117,21 @@ def test_rerun_trains_nothing_and_an_outside_lora_joins(reviewed, tmp_path):
 
     missing = runner.invoke(app, ["compare-ranks", str(ws), "--lora", str(tmp_path / "nope.safetensors")])
     assert missing.exit_code != 0 and "nope.safetensors: no such LoRA file (--lora)" in str(missing.exception)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--rank", "0"], "--rank 0: Input should be greater than or equal to 1"),
+    (["--rank", "8", "--rank", "2048"], "--rank 2048: Input should be less than or equal to 1024"),
+    (["--resize-to", "0"], "--resize-to 0: Input should be greater than or equal to 1"),
+    (["--tolerance", "-1"], "--tolerance -1.0: Input should be greater than or equal to 0"),
+])
+def test_a_bad_flag_is_one_line_naming_it_before_anything_runs(reviewed, flags, said):
+    """Through the installed command: no flow, no run folder, no traceback (a rank-0 run once stayed behind)."""
+    import subprocess
+    import sys
+
+    runs = sorted((reviewed / "runs").iterdir())
+    done = subprocess.run([str(Path(sys.executable).with_name("lorapipe")), "compare-ranks", str(reviewed), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (2, f"lorapipe: {said}")
+    assert sorted((reviewed / "runs").iterdir()) == runs
