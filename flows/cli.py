@@ -212,7 +212,9 @@ def _report(stage: str, result: dict, as_json: bool) -> None:
 
     from flows.summary import stage_paths, stage_rows
 
-    done = "re-used from the cache (same input, settings and code)" if result.get("cached") else "done"
+    # A cached result keeps the counts of the run that computed it: say so, or "computed 12" reads as work done now.
+    done = ("re-used from the cache (same input, settings and code); the counts are from the run that computed it"
+            if result.get("cached") else "done")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -56,6 +56,7 @@ def test_dataset_stages_one_at_a_time(demo_photos, tmp_path, tiny_models, prefec
     assert result.exit_code == 0 and (ws / "manifests" / "dedup.jsonl").read_bytes() == before
     # A stage command ends with a table, as `lorapipe run` does (--json gives the result to scripts).
     assert result.stdout.startswith("lorapipe dedup: re-used from the cache") and "near duplicates" in result.stdout
+    assert "the counts are from the run that computed it" in result.stdout  # not work done now
     assert f"manifest: {ws / 'manifests' / 'dedup.'}" in result.stdout and "{" not in result.stdout
 
     result = runner.invoke(app, ["train", str(ws), "--json"])
