@@ -33,19 +33,15 @@ def publish(artifact) -> None:
         get_run_logger().warning("could not publish artifact %s: %s", artifact.key, err)
 
 
-def _file(record: ImageRecord) -> str:
-    return Path(record.source.split("!/")[-1]).name
-
-
 def dataset_rows(records: list[ImageRecord]) -> list[dict]:
     by_id = {r.id: r for r in records}
     return [{
-        "file": _file(r),
+        "file": r.file_name,
         "status": r.status,
         "bucket": r.bucket or "",
         "size": f"{r.width}x{r.height}" if r.width else "",
         "reason": r.reason or "",
-        "duplicate_of": _file(by_id[r.duplicate_of]) if r.duplicate_of in by_id else "",
+        "duplicate_of": by_id[r.duplicate_of].file_name if r.duplicate_of in by_id else "",
         "crop": r.crop_method or "",
         "flags": ", ".join(r.flags),
         "id": r.id[:12],
@@ -54,7 +50,7 @@ def dataset_rows(records: list[ImageRecord]) -> list[dict]:
 
 def caption_rows(records: list[ImageRecord]) -> list[dict]:
     return [{
-        "image": _file(r),
+        "image": r.file_name,
         "caption": r.caption or "",
         "review": r.review or "",
         "why": "; ".join(r.review_reasons),

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 import flows  # noqa: F401  (sets the environment before prefect is imported)
 from lorapipe.errors import UserError
-from lorapipe.config import NightlyConfig, PipelineConfig, deep_merge, read_settings, settings_problems
+from lorapipe.config import (NightlyConfig, PipelineConfig, deep_merge, flat_settings, read_settings,
+                             settings_problems)
 from lorapipe.fsutil import atomic_write_json, read_json
 from lorapipe.local_server import prefect_api
 from lorapipe.policy import ServingPolicy
@@ -59,14 +60,6 @@ FLAGS = {"name": "--name", "images": "--images", "workspace": "--workspace", "tr
          "train.effective_batch_size": "--effective-batch-size"}
 
 
-def _flat(settings: dict, prefix: str = "") -> set[str]:
-    """The dotted names of the settings a nested mapping sets."""
-    names = set()
-    for key, value in settings.items():
-        names |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-    return names
-
-
 def _blame(err: ValidationError, flagged: set[str], config_file: Optional[Path]) -> str:
     """Each problem said where it came from: `--epochs 0: ...` for a flag's value, `job.yaml: train.rank:
     ...` for the file's, `--name is missing (...)` for a required setting nobody gave."""
@@ -94,7 +87,7 @@ def _config(config_file: Optional[Path], overrides: dict) -> PipelineConfig:
         settings = deep_merge(read_settings(config_file), overrides) if config_file else overrides
         return PipelineConfig.model_validate(settings)
     except ValidationError as err:
-        _fail(_blame(err, _flat(overrides), config_file))
+        _fail(_blame(err, set(flat_settings(overrides)), config_file))
     except UserError as err:
         _fail(str(err))
 

@@ -438,6 +438,17 @@ def load_config(path: str | Path, **overrides) -> PipelineConfig:
         raise UserError(f"{path}: {settings_problems(err)}") from None
 
 
+def flat_settings(settings: dict, prefix: str = "") -> dict:
+    """A nested settings mapping as {dotted name: value}, e.g. {"train.epochs": 12}."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     """`overrides` merged into `base`, section by section. A `None` (YAML `null`, or an empty value) removes
     the setting, so its default applies again: `vae: null` clears a remembered VAE override."""

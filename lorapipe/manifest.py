@@ -85,6 +85,11 @@ class ImageRecord(BaseModel):
         return self.status == "kept"
 
     @property
+    def file_name(self) -> str:
+        """The source's own file name (a file inside an archive: the member's), what people know it by."""
+        return Path(self.source.split("!/")[-1]).name
+
+    @property
     def bucket_size(self) -> tuple[int, int]:
         width, height = (int(v) for v in self.bucket.split("x"))
         return width, height

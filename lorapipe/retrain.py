@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorapipe.config import PipelineConfig
+from lorapipe.config import PipelineConfig, flat_settings
 from lorapipe.fsutil import atomic_write_json, read_json, stable_hash
 from lorapipe.manifest import ImageRecord, read_manifest
 from lorapipe.review_decisions import DecisionStore, SidecarLedger, review_inputs_digest
@@ -29,7 +29,7 @@ def training_inputs(ws: Workspace, collect_manifest: str | Path, config: Pipelin
     review log, oldest first); `edited_files` {images/<file>.txt: sha256} (caption files a person changed
     and the review stage has not yet taken in); `settings` (the run's settings but `scale_out`).
     """
-    photos = {r.id: _file_name(r) for r in read_manifest(collect_manifest) if r.kept}
+    photos = {r.id: r.file_name for r in read_manifest(collect_manifest) if r.kept}
     logs = DecisionStore(ws.cache).dir / "images"
     decisions = {p.stem: [[d.get("action"), d.get("after")] for d in json.loads(p.read_text(encoding="utf-8"))]
                  for p in (sorted(logs.glob("*.json")) if logs.exists() else [])}
@@ -75,7 +75,7 @@ def what_changed(last: dict, now: dict, records: list[ImageRecord] = ()) -> list
     for what, names in (("photos added", added), ("photos removed", removed)):
         if names:
             changes.append(f"{what}: {len(names)} ({_names(names)})")
-    images = {r.id: _file_name(r) for r in records}
+    images = {r.id: r.file_name for r in records}
     new = {key: log for key, log in now["decisions"].items() if old["decisions"].get(key) != log}
     gone = [key for key in old["decisions"] if key not in now["decisions"]]
     if new or gone:
@@ -87,7 +87,7 @@ def what_changed(last: dict, now: dict, records: list[ImageRecord] = ()) -> list
               if old.get("edited_files", {}).get(rel) != digest]
     if edited:
         changes.append(f"caption files edited by hand: {len(edited)} ({_names(edited)})")
-    old_settings, new_settings = _flat(old["settings"]), _flat(now["settings"])
+    old_settings, new_settings = flat_settings(old["settings"]), flat_settings(now["settings"])
     settings = [f"{path} {_show(old_settings.get(path))} → {_show(new_settings.get(path))}"
                 for path in sorted(old_settings.keys() | new_settings.keys())
                 if old_settings.get(path) != new_settings.get(path)]
@@ -96,23 +96,9 @@ def what_changed(last: dict, now: dict, records: list[ImageRecord] = ()) -> list
     return changes or ["review decisions recorded again (same actions and captions)"]
 
 
-def _file_name(record: ImageRecord) -> str:
-    return Path(record.source.split("!/")[-1]).name  # a file inside an archive: its own name
-
-
 def _names(names: list[str]) -> str:
     more = len(names) - MAX_NAMES
     return ", ".join(names[:MAX_NAMES]) + (f" and {more} more" if more > 0 else "")
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _show(value) -> str:

@@ -28,7 +28,7 @@ REFUSED_EDIT_KINDS = ("empty", "name_missing")
 
 
 def display_name(record: ImageRecord) -> str:
-    return Path(record.source.split("!/")[-1]).name
+    return record.file_name
 
 
 def waiting_for_review(records: list[ImageRecord]) -> list[ImageRecord]:
