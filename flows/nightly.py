@@ -34,8 +34,9 @@ def nightly(config: PipelineConfig) -> dict:
     ws = check_before_stages(config, ["collect"])  # the models are checked when it decides to train
     collected, _ = run_stage("collect", config, ws)
     last = last_trained(ws)
-    if last and last["fingerprint"] == training_fingerprint(ws, collected["manifest"], config):
-        files = sum(r.kept for r in read_manifest(collected["manifest"]))
+    inputs = training_inputs(ws, collected["manifest"], config)
+    if last and last["fingerprint"] == training_fingerprint(ws, collected["manifest"], config, inputs):
+        files = len(inputs["photos"])  # the kept ones
         message = (f"{NOTHING_NEW}: the {files} files collected, the review decisions and the settings are those "
                    f"{last['lora_latest']} was trained from")
         logger.info(message)
@@ -43,7 +44,7 @@ def nightly(config: PipelineConfig) -> dict:
                                   markdown=f"# Nightly retrain: {NOTHING_NEW}\n\n{message}.\n"))
         return {"status": NOTHING_NEW, "message": message, **last}
     changes = ["no LoRA trained in this workspace yet"] if last is None else what_changed(
-        last, training_inputs(ws, collected["manifest"], config), _reviewed(ws))
+        last, inputs, _reviewed(ws))
     logger.info("changed since the last LoRA: %s. Running the pipeline", "; ".join(changes))
     publish(MarkdownArtifact(key=f"{slugify(config.name)}-nightly", description=f"retraining: {changes[0]}",
                               markdown="# Nightly retrain: retraining\n\nChanged since the last LoRA:\n\n"

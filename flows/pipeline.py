@@ -119,7 +119,7 @@ def build_lora(config: PipelineConfig) -> dict:
     for label, value in summary_rows(result):  # the table `lorapipe run` prints, in this run's logs
         logger.info("%s: %s", label, value)
     # What this LoRA was trained from: the nightly retrain compares against it (lorapipe/retrain.py).
-    record_trained(ws, training_fingerprint(ws, dataset["collected"], config),
-                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")},
-                   training_inputs(ws, dataset["collected"], config))
+    inputs = training_inputs(ws, dataset["collected"], config)
+    record_trained(ws, training_fingerprint(ws, dataset["collected"], config, inputs),
+                   {k: result[k] for k in ("lora", "lora_latest", "steps", "final_loss", "samples")}, inputs)
     return result

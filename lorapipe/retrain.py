@@ -40,8 +40,10 @@ def training_inputs(ws: Workspace, collect_manifest: str | Path, config: Pipelin
             "settings": settings}
 
 
-def training_fingerprint(ws: Workspace, collect_manifest: str | Path, config: PipelineConfig) -> str:
-    inputs = training_inputs(ws, collect_manifest, config)
+def training_fingerprint(ws: Workspace, collect_manifest: str | Path, config: PipelineConfig,
+                         inputs: dict | None = None) -> str:
+    """The hash `last-trained.json` keeps; `inputs`: `training_inputs` already read for the same arguments."""
+    inputs = inputs or training_inputs(ws, collect_manifest, config)
     # The review decisions and the caption files people edited by hand (images/*.txt).
     return stable_hash(sorted(inputs["photos"]), review_inputs_digest(ws.root), inputs["settings"])
 
